@@ -1,0 +1,1 @@
+"""Decentralized gossip fine-tuning of LoRA adapters with Procrustes alignment."""

@@ -1,0 +1,128 @@
+"""Datasets and non-IID partitions of them across peers.
+
+Every process builds the same corpus and the same partition from the run seed, then keeps only the
+shards of the peers it hosts: no data moves between processes and the split never depends on how
+many processes there are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+from .errors import ConfigError
+from .seeding import derive_seed
+
+
+@dataclass
+class Dataset:
+    """Model inputs (a dict of equally long tensors, passed as keyword arguments) and labels."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, index: np.ndarray | torch.Tensor) -> "Dataset":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Dataset({k: v[index] for k, v in self.inputs.items()}, self.labels[index])
+
+    def batches(self, batch_size: int):
+        for start in range(0, len(self), batch_size):
+            stop = start + batch_size
+            yield {k: v[start:stop] for k, v in self.inputs.items()}, self.labels[start:stop]
+
+
+@dataclass
+class PeerData:
+    train: Dataset
+    local_test: Dataset
+
+
+@dataclass
+class FederatedData:
+    """The shared held-out test set and, per client peer, its own train and local test split."""
+
+    test: Dataset
+    clients: dict[int, PeerData]
+    num_classes: int
+    input_dim: int
+
+
+def build_data(config: DataConfig, clients: Sequence[int], seed: int) -> FederatedData:
+    """Load the configured source and split its training part over ``clients``."""
+    if config.name != "synthetic":
+        raise ConfigError(f"unknown dataset data.name={config.name!r}; available: synthetic")
+    train, test = synthetic_classification(config, seed)
+    rng = np.random.default_rng(derive_seed(seed, "partition"))
+    parts = partition_labels(train.labels.numpy(), len(clients), config, rng)
+    peers = {}
+    for client, index in zip(clients, parts):
+        index = rng.permutation(index)
+        n_test = int(round(len(index) * config.local_test_fraction))
+        peers[client] = PeerData(train.subset(index[n_test:]), train.subset(index[:n_test]))
+    return FederatedData(test, peers, config.num_classes, config.features)
+
+
+def synthetic_classification(config: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
+    """Gaussian classes around random means: learnable but overlapping, so accuracy is informative."""
+    rng = np.random.default_rng(derive_seed(seed, "synthetic"))
+    k, d = config.num_classes, config.features
+    if k < 2:
+        raise ConfigError("data.num_classes must be at least 2")
+    means = rng.normal(size=(k, d)) * config.class_separation
+
+    def draw(n: int) -> Dataset:
+        labels = rng.integers(0, k, size=n)
+        x = means[labels] + rng.normal(size=(n, d))
+        return Dataset({"features": torch.tensor(x, dtype=torch.float32)}, torch.tensor(labels, dtype=torch.long))
+
+    return draw(config.train_samples), draw(config.test_samples)
+
+
+def partition_labels(labels: np.ndarray, peers: int, config: DataConfig, rng: np.random.Generator) -> list[np.ndarray]:
+    """Split sample indices over peers: ``iid``, ``dirichlet`` (label skew) or ``shards`` (k labels each)."""
+    n = len(labels)
+    if n < peers * config.min_samples:
+        raise ConfigError(
+            f"{n} training samples cannot give {peers} peers at least data.min_samples={config.min_samples} "
+            "each; use fewer peers, a lower data.min_samples or a larger dataset"
+        )
+    if config.partition == "iid":
+        return [np.sort(p) for p in np.array_split(rng.permutation(n), peers)]
+    if config.partition == "shards":
+        return _shards(labels, peers, config.shards_per_peer, rng)
+    return _dirichlet(labels, peers, config.alpha, config.min_samples, rng)
+
+
+def _dirichlet(labels: np.ndarray, peers: int, alpha: float, min_samples: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Per class, split its samples with proportions ~ Dir(alpha); redraw until every peer has enough."""
+    classes = np.unique(labels)
+    for _ in range(1000):
+        buckets: list[list[int]] = [[] for _ in range(peers)]
+        for c in classes:
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            cuts = (np.cumsum(rng.dirichlet(np.full(peers, alpha))) * len(idx)).astype(int)[:-1]
+            for peer, chunk in enumerate(np.split(idx, cuts)):
+                buckets[peer].extend(chunk.tolist())
+        if min(len(b) for b in buckets) >= min_samples:
+            return [np.sort(np.array(b, dtype=np.int64)) for b in buckets]
+    raise ConfigError(
+        f"no Dirichlet(alpha={alpha}) split gave every one of {peers} peers data.min_samples={min_samples} "
+        "samples in 1000 draws; raise data.alpha, lower data.min_samples or use fewer peers"
+    )
+
+
+def _shards(labels: np.ndarray, peers: int, per_peer: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Sort by label, cut into peers * per_peer shards, deal each peer ``per_peer`` random shards."""
+    if per_peer < 1:
+        raise ConfigError("data.shards_per_peer must be at least 1")
+    order = np.argsort(labels, kind="stable")
+    shards = np.array_split(order, peers * per_peer)
+    deal = rng.permutation(len(shards)).reshape(peers, per_peer)
+    return [np.sort(np.concatenate([shards[s] for s in row])) for row in deal]

@@ -1,0 +1,88 @@
+"""The hooks a method implements; the runner calls them in this order every round.
+
+1. ``trained_parts(round)``  which factors the local optimizer may change (others are frozen)
+2. ``before_send(peer, round)``  e.g. rotate the factors toward a reference (fedrot)
+3. ``sent_parts(round)``  which parts of the flat buffer travel to the neighbours
+4. ``combine(peer, round, inputs)``  the new value of those parts from (weight, payload) pairs
+
+A new method is one small subclass registered with :func:`register`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from ..errors import ConfigError
+from ..factors import FactorLayout
+from ..gossip import weighted_sum
+
+ALL_PARTS = frozenset({"A", "B", "head"})
+
+
+@dataclass
+class PeerState:
+    """One logical peer's trainable state as the methods see it."""
+
+    peer: int
+    flat: torch.Tensor  # the live buffer its adapter parameters are views of
+    reference: torch.Tensor | None = None  # copy of ``flat`` at the start of the round
+    extra: dict[str, Any] = field(default_factory=dict)  # per-peer state a method keeps across rounds
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """Run facts a method may need to configure itself."""
+
+    layout: FactorLayout
+    peers: int
+    rounds: int
+
+
+class Method:
+    """Base class: plain weighted averaging of every trained part (FedIT-style factor averaging)."""
+
+    name: ClassVar[str] = ""
+    params: ClassVar[dict[str, Any]] = {}  # accepted method_args and their defaults
+    needs_reference: ClassVar[bool] = False
+
+    def __init__(self, args: dict[str, Any], context: MethodContext) -> None:
+        unknown = sorted(set(args) - set(self.params))
+        if unknown:
+            valid = ", ".join(sorted(self.params)) or "none"
+            raise ConfigError(f"method {self.name}: unknown method_args key {unknown[0]!r}; valid keys: {valid}")
+        self.args = {**self.params, **args}
+        self.context = context
+
+    def trained_parts(self, round: int) -> frozenset[str]:
+        return ALL_PARTS
+
+    def sent_parts(self, round: int) -> frozenset[str]:
+        return ALL_PARTS
+
+    def before_send(self, peer: PeerState, round: int) -> None:
+        """Hook run on every training peer after local steps and before the exchange."""
+
+    def combine(self, peer: PeerState, round: int, inputs: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
+        """New value of the sent parts from the (W_ij, x_j) pairs, ordered by j: sum_j W_ij x_j."""
+        return weighted_sum(inputs)
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def make_method(name: str, args: dict[str, Any], context: MethodContext) -> Method:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](dict(args or {}), context)
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)

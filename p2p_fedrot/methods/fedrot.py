@@ -1,0 +1,50 @@
+"""FedRot-LoRA / DFedRot: rotate the factors toward a reference before they are averaged.
+
+The reference is the peer's own state at the start of the round. After the previous gossip step
+that state IS the W-weighted consensus of its neighbourhood (in server mode: the global model the
+client adopted), so aligning to it costs no extra messages. Rotation R (soft orthogonal
+Procrustes, see align.py) leaves each product B A unchanged, so local models are untouched while
+the factors that get averaged agree better. Round 0 is never aligned; afterwards side A is fitted
+on odd rounds and side B on even ones (``side: alternate``), or always the same side.
+"""
+
+from __future__ import annotations
+
+from ..align import align_modules
+from ..errors import ConfigError
+from .base import Method, MethodContext, PeerState, register
+
+SIDES = ("alternate", "A", "B")
+
+
+@register
+class FedRot(Method):
+    name = "fedrot"
+    params = {"lam": 0.4, "side": "alternate"}
+    needs_reference = True
+
+    def __init__(self, args: dict, context: MethodContext) -> None:
+        super().__init__(args, context)
+        lam = self.args["lam"]
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
+            raise ConfigError(f"method_args.lam = {lam!r} must be a number in [0, 1] (0: no alignment, 1: full rotation)")
+        if self.args["side"] not in SIDES:
+            raise ConfigError(f"method_args.side = {self.args['side']!r} must be one of {', '.join(SIDES)}")
+        self.lam = float(lam)
+
+    def side_at(self, round: int) -> str:
+        side = self.args["side"]
+        if side != "alternate":
+            return side
+        return "A" if round % 2 == 1 else "B"
+
+    def before_send(self, peer: PeerState, round: int) -> None:
+        if round < 1 or self.lam == 0.0 or peer.reference is None:
+            return
+        layout = self.context.layout
+        side = self.side_at(round)
+        As, Bs = layout.a_views(peer.flat), layout.b_views(peer.flat)
+        refs = layout.a_views(peer.reference) if side == "A" else layout.b_views(peer.reference)
+        new_As, new_Bs = align_modules(As, Bs, refs, side, self.lam)
+        for view, value in zip(As + Bs, new_As + new_Bs):
+            view.copy_(value)

@@ -1,0 +1,88 @@
+"""Compare finished runs: a Markdown table and plots of accuracy and consensus distance per round."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+from .io import atomic_write_png, atomic_write_text
+
+
+def load_run(run_dir: str | os.PathLike) -> dict:
+    """The metrics, summary, config and topology of one run folder."""
+    folder = Path(run_dir)
+    needed = ["metrics.jsonl", "summary.json", "config.yaml", "topology.json"]
+    missing = [name for name in needed if not (folder / name).is_file()]
+    if missing:
+        raise ConfigError(
+            f"{folder} is not a finished run folder (missing {', '.join(missing)}); "
+            "pass folders written by `p2p-fedrot run`"
+        )
+    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {
+        "name": folder.name,
+        "metrics": metrics,
+        "summary": json.loads((folder / "summary.json").read_text()),
+        "config": yaml.safe_load((folder / "config.yaml").read_text()),
+        "topology": json.loads((folder / "topology.json").read_text()),
+    }
+
+
+def summary_table(runs: list[dict]) -> str:
+    """Markdown table: one row per run with its graph, method and final numbers."""
+    header = ("| run | topology | method | spectral gap | mean acc | min acc | consensus dist | MB sent | wall s |\n"
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+    rows = []
+    for run in runs:
+        s, last = run["summary"], run["metrics"][-1] if run["metrics"] else {}
+        rows.append(
+            f"| {run['name']} | {s['topology']} | {s['method']} | {run['topology']['spectral_gap']:.4f} | "
+            f"{_fmt(s.get('final_mean_accuracy'))} | {_fmt(s.get('final_min_accuracy'))} | "
+            f"{_fmt(last.get('consensus_distance'), '.2e')} | {s['bytes_sent_total'] / 1e6:.2f} | "
+            f"{s['wall_time_s']:.1f} |"
+        )
+    return header + "\n".join(rows) + "\n"
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def plot_runs(runs: list[dict], key: str, ylabel: str, path: Path, log: bool = False) -> None:
+    """One line per run of ``key`` against the round number, saved as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.2))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for run in runs:
+        rounds = [m["round"] + 1 for m in run["metrics"]]
+        values = [m[key] for m in run["metrics"]]
+        if log:
+            values = [max(v, 1e-30) for v in values]
+        axes.plot(rounds, values, marker="o", markersize=3, label=run["name"])
+    if log:
+        axes.set_yscale("log")
+    axes.set_xlabel("round")
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    atomic_write_png(figure, path)
+
+
+def write_report(run_dirs: list[str], out: str | os.PathLike) -> Path:
+    """Write summary.md, accuracy.png and consensus.png for the given runs into ``out``."""
+    runs = [load_run(d) for d in run_dirs]
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    plot_runs(runs, "mean_accuracy", "mean test accuracy over peers", folder / "accuracy.png")
+    plot_runs(runs, "consensus_distance", "consensus distance", folder / "consensus.png", log=True)
+    text = "# p2p_fedrot report\n\n" + summary_table(runs)
+    text += "\n![accuracy](accuracy.png)\n\n![consensus distance](consensus.png)\n"
+    atomic_write_text(folder / "summary.md", text)
+    return folder / "summary.md"

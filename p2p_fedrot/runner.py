@@ -1,0 +1,301 @@
+"""The round loop: train -> align -> exchange -> mix -> evaluate -> log.
+
+Every process runs this loop for the peers it hosts. All decisions (graph of the round, mixing
+weights, which parts train or travel) are computed identically on every process from the config
+and the seed, so processes only exchange factors, never control messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import methods
+from .config import RunConfig, save_config
+from .data import build_data
+from .factors import FactorLayout
+from .gossip import collect_mix_inputs, messages_per_step
+from .io import JsonlWriter, atomic_write_json
+from .metrics import aggregation_error, consensus_distance
+from .mixing import mixing_matrix, server_mixing_steps, spectral_gap
+from .model import build_peer_models
+from .topology import Topology, build_topology, topology_stats
+from .training import PeerTrainer, evaluate
+from .transport import Placement, Runtime, Transport, init_runtime
+
+
+@dataclass
+class RoundClock:
+    """Seconds spent per phase in the current round."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("train", "align", "exchange", "eval"), 0.0))
+
+    def add(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[phase] += now - since
+        return now
+
+
+def run(config: RunConfig) -> dict:
+    """Run a whole experiment in this process (one of P under torchrun); returns the summary."""
+    runtime = init_runtime(config.comm.backend, config.comm.timeout_s)
+    torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // runtime.local_world))
+    try:
+        return Experiment(config, runtime).run()
+    finally:
+        if runtime.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class Experiment:
+    """State of one run on one process: hosted peers, their data, trainers and the transport."""
+
+    def __init__(self, config: RunConfig, runtime: Runtime) -> None:
+        self.config, self.runtime = config, runtime
+        self.placement = Placement(config.peers, runtime.world, runtime.rank)
+        self.topology: Topology = build_topology(config.topology, config.peers, config.seed, config.allow_disconnected)
+        self.clients = [p for p in range(config.peers) if not self.is_server(p)]
+        self.data = build_data(config.data, self.clients, config.seed)
+        local = list(self.placement.local_peers)
+        self.models = build_peer_models(
+            config.model, local, self.data.input_dim, self.data.num_classes, config.seed, runtime.device
+        )
+        self.layout: FactorLayout = self.models.layout
+        context = methods.MethodContext(self.layout, config.peers, config.rounds)
+        self.method = methods.make_method(config.method, config.method_args, context)
+        self.states = {p: methods.PeerState(p, self.models.flats[p]) for p in local}
+        self.trainers = {
+            p: PeerTrainer(self.models, p, self.data.clients[p].train, config.train, config.seed)
+            for p in local
+            if not self.is_server(p)
+        }
+        self.transport = Transport(self.placement, runtime.device, config.comm.timeout_s, self.fingerprint())
+        self.static_steps = self.mixing_steps(0) if self.topology.static else None
+        self.out = Path(config.out)
+        self.bytes_total = 0
+
+    def is_server(self, peer: int) -> bool:
+        return self.topology.server and peer == 0
+
+    def fingerprint(self) -> int:
+        """Hash of everything that must agree between processes for their messages to make sense."""
+        c = self.config
+        shared = [c.seed, c.peers, c.topology, c.mixing, c.method, c.method_args, c.model.name,
+                  c.model.hidden, c.model.lora.r, c.model.lora.target_modules, self.layout.numel]
+        digest = hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).digest()
+        return int.from_bytes(digest[:8], "little")
+
+    def mixing_steps(self, round: int) -> list[np.ndarray]:
+        """The mixing matrices of a round: one gossip step, or the server's up and down steps."""
+        if self.topology.server:
+            return server_mixing_steps([len(self.data.clients[c].train) for c in self.clients])
+        return [mixing_matrix(self.topology.graph_at(round), self.config.mixing)]
+
+    # ------------------------------------------------------------------ round loop
+    def run(self) -> dict:
+        rank0 = self.runtime.rank == 0
+        writer = self.start_outputs() if rank0 else None
+        start = time.perf_counter()
+        last: dict = {}
+        try:
+            for round in range(self.config.rounds):
+                clock = RoundClock()
+                sent = self.train_and_align(round, clock)
+                evaluate_now = (round + 1) % self.config.eval.every == 0 or round == self.config.rounds - 1
+                agg = self.exchange_and_mix(round, clock, measure=evaluate_now)
+                self.bytes_total += sent
+                if evaluate_now:
+                    record = self.evaluate_round(round, clock, agg, sent, time.perf_counter() - start)
+                    if rank0:
+                        writer.write(record)
+                        print_progress(record, self.config.rounds)
+                        last = record
+        finally:
+            if writer is not None:
+                writer.close()
+        summary = self.finish(last, time.perf_counter() - start)
+        return summary
+
+    def train_and_align(self, round: int, clock: RoundClock) -> int:
+        """Local steps then the method's pre-send hook on every hosted client; returns bytes of the round."""
+        trained = self.method.trained_parts(round)
+        for peer, trainer in self.trainers.items():
+            state = self.states[peer]
+            if self.method.needs_reference:
+                state.reference = state.flat.detach().clone()
+            since = time.perf_counter()
+            trainer.train(round, trained)
+            since = clock.add("train", since)
+            self.method.before_send(state, round)
+            clock.add("align", since)
+        steps = self.static_steps or self.mixing_steps(round)
+        payload = self.payload_bytes(round)
+        return sum(messages_per_step(W) for W in steps) * payload
+
+    def payload_bytes(self, round: int) -> int:
+        element = next(iter(self.models.flats.values())).element_size()
+        return self.layout.payload_numel(self.method.sent_parts(round)) * element
+
+    def exchange_and_mix(self, round: int, clock: RoundClock, measure: bool) -> list[tuple[float, float]]:
+        """Apply each mixing step of the round; returns (abs, rel) aggregation errors if ``measure``."""
+        parts = self.method.sent_parts(round)
+        errors = []
+        local = list(self.placement.local_peers)
+        for k, W in enumerate(self.static_steps or self.mixing_steps(round)):
+            since = time.perf_counter()
+            payloads = {p: self.layout.extract(self.states[p].flat, parts) for p in local}
+            mixes = collect_mix_inputs(self.transport, W, payloads, step=f"round {round} step {k}")
+            updates = {i: self.method.combine(self.states[i], round, inputs) for i, inputs in mixes.items()}
+            if measure:
+                for i, inputs in mixes.items():
+                    if len(inputs) > 1:
+                        flats = [self.layout.expand(x, parts, self.states[i].flat) for _, x in inputs]
+                        errors.append(aggregation_error(self.layout, [w for w, _ in inputs], flats))
+            for i, value in updates.items():
+                self.layout.insert(self.states[i].flat, parts, value)
+            clock.add("exchange", since)
+        return errors
+
+    # ------------------------------------------------------------------ metrics
+    def evaluate_round(self, round: int, clock: RoundClock, agg: list, sent: int, elapsed: float) -> dict:
+        since = time.perf_counter()
+        batch = self.config.eval.batch_size
+        local_results = {}
+        for peer in self.trainers:
+            shared = evaluate(self.models, peer, self.data.test, batch)
+            own = evaluate(self.models, peer, self.data.clients[peer].local_test, batch)
+            local_results[peer] = (shared.accuracy, shared.loss, own.accuracy, own.loss)
+        results = self.gather_objects((local_results, agg))
+        flats = self.gather_flats()
+        clock.add("eval", since)
+        seconds = self.max_over_processes(clock.seconds)
+        if self.runtime.rank != 0:
+            return {}
+        per_peer: dict[int, tuple] = {}
+        errors: list[tuple[float, float]] = []
+        for peer_results, peer_errors in results:
+            per_peer.update(peer_results)
+            errors.extend(peer_errors)
+        order = sorted(per_peer)
+        accuracy = [per_peer[p][0] for p in order]
+        return {
+            "round": round,
+            "time_s": round_float(elapsed),
+            "peers": order,
+            "accuracy": accuracy,
+            "loss": [per_peer[p][1] for p in order],
+            "local_accuracy": [per_peer[p][2] for p in order],
+            "local_loss": [per_peer[p][3] for p in order],
+            "mean_accuracy": float(np.mean(accuracy)),
+            "min_accuracy": float(np.min(accuracy)),
+            "mean_loss": float(np.mean([per_peer[p][1] for p in order])),
+            "consensus_distance": consensus_distance(self.layout, [flats[p] for p in self.clients]),
+            "aggregation_error": float(np.mean([e[0] for e in errors])) if errors else 0.0,
+            "aggregation_error_rel": float(np.mean([e[1] for e in errors])) if errors else 0.0,
+            "bytes_sent": sent,
+            "bytes_sent_total": self.bytes_total,
+            "seconds": {k: round_float(v) for k, v in seconds.items()},
+        }
+
+    def gather_objects(self, obj) -> list:
+        if not self.runtime.distributed:
+            return [obj]
+        out = [None] * self.runtime.world if self.runtime.rank == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out or []
+
+    def gather_flats(self) -> dict[int, torch.Tensor]:
+        """Every peer's buffer on process 0 (for metrics that compare all peers)."""
+        local = torch.stack([self.states[p].flat for p in self.placement.local_peers])
+        if not self.runtime.distributed:
+            chunks = [local]
+        else:
+            chunks = [torch.empty_like(local) for _ in range(self.runtime.world)] if self.runtime.rank == 0 else None
+            dist.gather(local, chunks, dst=0)
+        if self.runtime.rank != 0:
+            return {}
+        stacked = torch.cat(chunks)
+        return {p: stacked[p] for p in range(self.config.peers)}
+
+    def max_over_processes(self, seconds: dict[str, float]) -> dict[str, float]:
+        """The slowest process sets the pace, so report its time per phase."""
+        if not self.runtime.distributed:
+            return dict(seconds)
+        values = torch.tensor(list(seconds.values()), dtype=torch.float64, device=self.runtime.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return dict(zip(seconds, values.tolist()))
+
+    # ------------------------------------------------------------------ outputs
+    def start_outputs(self) -> JsonlWriter:
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, self.out / "config.yaml")
+        atomic_write_json(self.out / "topology.json", self.topology_record())
+        return JsonlWriter(self.out / "metrics.jsonl")
+
+    def topology_record(self) -> dict:
+        graph = self.topology.graph_at(0)
+        if self.topology.server:
+            W = server_mixing_steps([len(self.data.clients[c].train) for c in self.clients])
+            gossip_W = mixing_matrix(graph, self.config.mixing)
+        else:
+            W = [mixing_matrix(graph, self.config.mixing)]
+            gossip_W = W[0]
+        return {
+            "name": self.topology.name,
+            "peers": self.topology.peers,
+            "server": self.topology.server,
+            "static": self.topology.static,
+            "params": self.topology.params,
+            "mixing": self.config.mixing,
+            "edges": sorted([sorted((int(u), int(v))) for u, v in graph.edges()]),
+            "W": [w.tolist() for w in W] if self.topology.server else W[0].tolist(),
+            "spectral_gap": spectral_gap(gossip_W),
+            "stats": topology_stats(graph, gossip_W),
+            "note": "" if self.topology.static else "time-varying: edges and W are those of round 0",
+        }
+
+    def finish(self, last: dict, wall: float) -> dict:
+        wire = torch.tensor([self.transport.wire_bytes], dtype=torch.float64, device=self.runtime.device)
+        if self.runtime.distributed:
+            dist.all_reduce(wire)
+        if self.runtime.rank != 0:
+            return {}
+        summary = {
+            "peers": self.config.peers,
+            "processes": self.runtime.world,
+            "rounds": self.config.rounds,
+            "method": self.config.method,
+            "topology": self.topology.name,
+            "backend": self.runtime.backend or "single-process",
+            "payload_bytes": self.payload_bytes(0),
+            "bytes_sent_total": self.bytes_total,
+            "wire_bytes_total": int(wire.item()),
+            "final_mean_accuracy": last.get("mean_accuracy"),
+            "final_min_accuracy": last.get("min_accuracy"),
+            "final_consensus_distance": last.get("consensus_distance"),
+            "wall_time_s": round_float(wall),
+        }
+        atomic_write_json(self.out / "summary.json", summary)
+        return summary
+
+
+def round_float(x: float) -> float:
+    return float(f"{x:.6g}") if math.isfinite(x) else x
+
+
+def print_progress(record: dict, rounds: int) -> None:
+    print(
+        f"round {record['round'] + 1:>3}/{rounds} | acc mean {record['mean_accuracy']:.3f} "
+        f"min {record['min_accuracy']:.3f} | consensus {record['consensus_distance']:.2e} | "
+        f"{record['time_s']:.1f} s | {record['bytes_sent_total'] / 1e6:.2f} MB sent",
+        flush=True,
+    )

@@ -1,0 +1,42 @@
+"""Config loading: overrides, types and errors that name the key and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from p2p_fedrot.config import load_config
+from p2p_fedrot.errors import ConfigError
+
+TOY = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
+
+
+def test_overrides_are_parsed_as_yaml_values() -> None:
+    config = load_config(TOY, ["peers=16", "train.lr=0.05", "topology={name: erdos_renyi, p: 0.5}",
+                               "model.lora.target_modules=[fc1]", "train.grad_clip=null"])
+    assert config.peers == 16 and config.train.lr == 0.05
+    assert config.topology == {"name": "erdos_renyi", "p": 0.5}
+    assert config.model.lora.target_modules == ["fc1"] and config.train.grad_clip is None
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("train.lrr=0.1", "unknown key 'train.lrr'"),
+        ("peers=eight", "'peers'"),
+        ("rounds=0", "rounds must be at least 1"),
+        ("comm.backend=mpi", "comm.backend"),
+        ("train=3", "'train' must be a mapping"),
+        ("nonsense", "key=value"),
+    ],
+)
+def test_bad_values_are_named(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(TOY, [override])
+    assert needle in str(info.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")

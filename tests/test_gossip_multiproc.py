@@ -1,0 +1,117 @@
+"""Gossip and transport on real gloo ranks over loopback: results must equal W x and not depend on P."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+
+from multiproc import spawn_ranks
+from p2p_fedrot.errors import PeerError
+from p2p_fedrot.gossip import collect_mix_inputs, weighted_sum
+from p2p_fedrot.mixing import mixing_matrix, server_mixing_steps
+from p2p_fedrot.topology import build_topology
+from p2p_fedrot.transport import Placement, Transport, init_runtime
+
+PEERS = 8
+GRAPHS = {
+    **{name: build_topology(name, PEERS, seed=0).graph_at(0) for name in ("ring", "torus", "star")},
+    "irregular": nx.lollipop_graph(4, 4),
+}
+
+
+def known_vectors() -> np.ndarray:
+    return np.random.default_rng(7).normal(size=(PEERS, 5)).astype(np.float32)
+
+
+def mix_worker(rank: int, world: int, steps: list[np.ndarray], X: np.ndarray) -> dict:
+    """Apply the mixing steps to X on this rank's peers; return their final vectors and wire bytes."""
+    runtime = init_runtime("gloo", timeout_s=30)
+    placement = Placement(PEERS, world, rank)
+    transport = Transport(placement, runtime.device, timeout_s=30, fingerprint=1234)
+    values = {p: torch.tensor(X[p]) for p in placement.local_peers}
+    for k, W in enumerate(steps):
+        inputs = collect_mix_inputs(transport, W, values, step=f"step {k}")
+        values.update({i: weighted_sum(pairs) for i, pairs in inputs.items()})
+    return {"values": {p: v.numpy() for p, v in values.items()}, "wire_bytes": transport.wire_bytes}
+
+
+def run_mix(steps: list[np.ndarray], X: np.ndarray, world: int) -> tuple[np.ndarray, list[int]]:
+    results = [mix_worker(0, 1, steps, X)] if world == 1 else spawn_ranks(mix_worker, world, steps, X, timeout=90)
+    out = np.zeros_like(X)
+    for result in results:
+        for peer, value in result["values"].items():
+            out[peer] = value
+    return out, [r["wire_bytes"] for r in results]
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("name", sorted(GRAPHS))
+def test_one_gossip_step_equals_W_x(name: str, world: int) -> None:
+    W = mixing_matrix(GRAPHS[name])
+    X = known_vectors()
+    out, wire = run_mix([W], X, world)
+    np.testing.assert_allclose(out, W @ X.astype(np.float64), rtol=0, atol=1e-6)
+    if world == 1:
+        assert wire == [0]  # co-hosted peers exchange in memory
+
+
+def test_messages_are_one_per_process_pair() -> None:
+    """On a ring over 2 processes, each process sends one message holding its two boundary peers."""
+    W = mixing_matrix(GRAPHS["ring"])
+    _, wire = run_mix([W], known_vectors(), 2)
+    # process 0 hosts 0-3: peers 0 and 3 border process 1 (peers 7 and 4) -> 2 payloads of 5 floats
+    assert wire == [2 * 5 * 4, 2 * 5 * 4]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_server_mode_equals_fedavg_by_hand(world: int) -> None:
+    X = known_vectors()
+    counts = np.array([30, 10, 25, 5, 40, 12, 8], dtype=np.float64)  # samples of clients 1..7
+    out, _ = run_mix(server_mixing_steps(counts.tolist()), X, world)
+    fedavg = (counts[:, None] * X[1:].astype(np.float64)).sum(axis=0) / counts.sum()
+    for node in range(PEERS):
+        np.testing.assert_allclose(out[node], fedavg, rtol=0, atol=1e-6)
+
+
+def misbehaving_worker(rank: int, world: int, mode: str) -> dict | None:
+    """Rank 1 misbehaves (stays silent, dies, or runs another config); rank 0 must fail fast and clearly."""
+    runtime = init_runtime("gloo", timeout_s=60)
+    placement = Placement(4, world, rank)
+    fingerprint = 99 if (mode == "mismatch" and rank == 1) else 1
+    transport = Transport(placement, runtime.device, timeout_s=3, fingerprint=fingerprint)
+    if rank == 1 and mode == "silent":
+        time.sleep(10)
+        return None
+    if rank == 1 and mode == "killed":
+        os._exit(1)
+    start = time.monotonic()
+    try:
+        payloads = {p: torch.ones(3) for p in placement.local_peers}
+        collect_mix_inputs(transport, mixing_matrix(nx.cycle_graph(4)), payloads, step="round 0")
+        outcome = "no error"
+    except PeerError as exc:
+        outcome = str(exc)
+    return {"outcome": outcome, "elapsed": time.monotonic() - start}
+
+
+@pytest.mark.parametrize("mode", ["silent", "killed"])
+def test_absent_or_killed_peer_ends_with_clear_error_within_timeout(mode: str) -> None:
+    start = time.monotonic()
+    results = spawn_ranks(misbehaving_worker, 2, mode, timeout=60, may_fail=(1,))
+    outcome = results[0]
+    assert "process 1 (peers 2-3)" in outcome["outcome"], outcome
+    assert outcome["elapsed"] < 3 + 2.0, outcome  # the 3 s deadline, not the 60 s group timeout
+    assert time.monotonic() - start < 45
+
+
+def test_config_mismatch_fails_fast_on_both_sides() -> None:
+    results = spawn_ranks(misbehaving_worker, 2, "mismatch", timeout=60)
+    for rank, other in ((0, 1), (1, 0)):
+        assert "different configuration" in results[rank]["outcome"]
+        assert f"process {other}" in results[rank]["outcome"]
+        assert results[rank]["elapsed"] < 3

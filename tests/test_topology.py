@@ -1,0 +1,177 @@
+from pathlib import Path
+
+import networkx as nx
+import pytest
+import yaml
+
+from p2p_fedrot.mixing import mixing_matrix
+from p2p_fedrot.topology import (
+    CATALOGUE,
+    TopologyError,
+    available_topologies,
+    build_topology,
+    draw_topology,
+    topology_stats,
+)
+
+REQUIRED = {"ring", "line", "torus", "complete", "star", "server", "erdos_renyi", "small_world", "exponential",
+            "random_regular", "edges", "random_matching", "one_peer_exponential"}
+# entries that cannot build from the catalogue alone at that size
+OVERRIDES = {("edges", 8): {"edges": [[i, (i + 1) % 8] for i in range(8)]},
+             ("edges", 16): {"edges": [[i, (i + 1) % 16] for i in range(16)]}}
+
+
+def edge_set(graph: nx.Graph) -> set:
+    return {tuple(sorted(edge)) for edge in graph.edges()}
+
+
+def test_catalogue_has_the_required_entries_and_safe_yaml() -> None:
+    assert REQUIRED <= set(available_topologies())
+    for name in available_topologies():
+        entry = yaml.safe_load((CATALOGUE / f"{name}.yaml").read_text(encoding="utf-8"))
+        assert entry["description"] and entry["generator"] and "n" not in (entry.get("params") or {})
+
+
+@pytest.mark.parametrize("peers", [8, 16])
+@pytest.mark.parametrize("name", sorted(REQUIRED))
+def test_every_entry_builds_and_is_connected(name: str, peers: int) -> None:
+    topology = build_topology({"name": name, **OVERRIDES.get((name, peers), {})}, peers, seed=0)
+    assert topology.name == name and topology.peers == peers
+    graphs = [topology.graph_at(round) for round in range(8)]
+    assert all(sorted(graph.nodes) == list(range(peers)) for graph in graphs)
+    if topology.static:
+        assert all(graph is graphs[0] for graph in graphs) and nx.is_connected(graphs[0])
+    else:  # schedules mix over rounds: their union is connected
+        assert nx.is_connected(nx.compose_all(graphs))
+
+
+def test_torus_8_falls_back_to_2_by_4() -> None:
+    graph = build_topology("torus", 8, seed=0).graph_at(0)
+    assert graph.number_of_edges() == 12 and {d for _, d in graph.degree()} == {3}
+
+
+def test_torus_16_is_4_regular() -> None:
+    graph = build_topology("torus", 16, seed=0).graph_at(0)
+    assert graph.number_of_edges() == 32 and {d for _, d in graph.degree()} == {4}
+    assert build_topology({"name": "torus", "rows": 2, "cols": 8}, 16, seed=0).params == {"rows": 2, "cols": 8}
+
+
+def test_exponential_graph() -> None:
+    graph = build_topology("exponential", 8, seed=0).graph_at(0)
+    assert set(graph[0]) == {1, 2, 4, 6, 7} and {d for _, d in graph.degree()} == {5}
+
+
+def test_server_and_star() -> None:
+    server = build_topology("server", 8, seed=0)
+    assert server.server and server.static and server.graph_at(0).degree(0) == 7
+    assert not build_topology("star", 8, seed=0).server
+
+
+def test_erdos_renyi_is_reproducible_from_the_seed() -> None:
+    def draw(seed: int) -> set:
+        return edge_set(build_topology({"name": "erdos_renyi", "p": 0.3}, 12, seed).graph_at(0))
+
+    assert draw(5) == draw(5)
+    assert draw(5) != draw(6)
+    assert all(nx.is_connected(build_topology("erdos_renyi", 12, seed).graph_at(0)) for seed in range(10))
+
+
+def test_random_matching_is_a_fresh_perfect_matching_agreed_on_by_all() -> None:
+    topology = build_topology("random_matching", 10, seed=1)
+    rounds = [edge_set(topology.graph_at(round)) for round in range(5)]
+    for graph in map(topology.graph_at, range(5)):
+        assert {d for _, d in graph.degree()} == {1} and graph.number_of_edges() == 5
+    assert rounds[3] == edge_set(build_topology("random_matching", 10, seed=1).graph_at(3))
+    assert len({frozenset(edges) for edges in rounds}) == 5
+    assert rounds[0] != edge_set(build_topology("random_matching", 10, seed=2).graph_at(0))
+    assert not topology.static
+
+
+def test_one_peer_exponential_cycles_through_hops() -> None:
+    topology = build_topology("one_peer_exponential", 8, seed=0)
+    for round, hop in enumerate([1, 2, 4, 1, 2]):
+        assert edge_set(topology.graph_at(round)) == {tuple(sorted((i, (i + hop) % 8))) for i in range(8)}
+
+
+@pytest.mark.parametrize("suffix, write", [
+    (".edges", nx.write_edgelist), (".graphml", nx.write_graphml),
+    (".gml", nx.write_gml), (".adjlist", nx.write_adjlist)])
+def test_graph_file_spec_is_relabelled_in_sorted_order(tmp_path: Path, suffix: str, write) -> None:
+    path = tmp_path / f"net{suffix}"
+    write(nx.relabel_nodes(nx.path_graph(11), {i: i + 10 for i in range(11)}), path)  # labels 10..20
+    topology = build_topology(str(path), 11, seed=0)
+    assert topology.name == "net" and edge_set(topology.graph_at(0)) == edge_set(nx.path_graph(11))
+    via_edges = build_topology({"name": "edges", "path": str(path)}, 11, seed=0)
+    assert edge_set(via_edges.graph_at(0)) == edge_set(nx.path_graph(11))
+    with pytest.raises(TopologyError, match="has 11 nodes but the run has peers=8"):
+        build_topology(path, 8, seed=0)
+
+
+def test_topology_yaml_spec(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("generator: erdos_renyi\nparams: {p: 0.9}\n", encoding="utf-8")
+    topology = build_topology(str(path), 6, seed=0)
+    assert topology.name == "mine" and topology.params == {"p": 0.9}
+    path.write_text("generator: cycle_graph\nweights: 3\n", encoding="utf-8")
+    with pytest.raises(TopologyError, match="unknown keys \\['weights'\\]"):
+        build_topology(str(path), 6, seed=0)
+
+
+def test_inline_edges_and_graph_object() -> None:
+    inline = build_topology({"name": "edges", "edges": [[0, 1], [1, 2], [2, 3]]}, 4, seed=0)
+    assert edge_set(inline.graph_at(0)) == {(0, 1), (1, 2), (2, 3)}
+    custom = build_topology(nx.relabel_nodes(nx.cycle_graph(5), dict(zip(range(5), "abcde"))), 5, seed=0)
+    assert custom.name == "custom" and edge_set(custom.graph_at(0)) == edge_set(nx.cycle_graph(5))
+
+
+def test_mapping_overrides_params() -> None:
+    topology = build_topology({"name": "random_regular", "d": 4}, 10, seed=0)
+    assert topology.params == {"d": 4} and {d for _, d in topology.graph_at(0).degree()} == {4}
+
+
+@pytest.mark.parametrize("spec, peers, match", [
+    ("hypercube", 8, "unknown topology 'hypercube'; available: complete, edges"),
+    ({"name": "ring", "k": 2}, 8, r"unknown parameter\(s\) \['k'\]"),
+    ({"name": "erdos_renyi", "q": 2}, 8, r"valid: \['p'\]"),
+    ({"name": "erdos_renyi", "p": 1.5}, 8, "p must be in"),
+    ({"name": "random_regular", "d": 3}, 7, "peers\\*d even"),
+    ({"name": "random_regular", "d": 8}, 8, "d < peers"),
+    ("torus", 7, "rows x cols with both >= 2"),
+    ({"name": "torus", "rows": 3}, 8, "does not divide"),
+    ("random_matching", 7, "even number of peers"),
+    ({"name": "small_world", "k": 20}, 8, "topology 'small_world'.*failed"),
+    ({"name": "edges", "edges": [[0, 9]]}, 4, "peer ids in 0..3"),
+    ("edges", 4, "exactly one of 'edges'"),
+    ({"p": 0.3}, 8, "needs a 'name' key"),
+    ("missing.graphml", 8, "not found"),
+    (3.5, 8, "got float"),
+    ("ring", 0, "positive integer"),
+])
+def test_clear_errors(spec, peers: int, match: str) -> None:
+    with pytest.raises(TopologyError, match=match):
+        build_topology(spec, peers, seed=0)
+
+
+def test_disconnected_graph_needs_allow_disconnected() -> None:
+    spec = {"name": "edges", "edges": [[0, 1], [2, 3]]}
+    with pytest.raises(TopologyError, match="'edges'.*disconnected.*allow_disconnected: true"):
+        build_topology(spec, 4, seed=0)
+    assert not nx.is_connected(build_topology(spec, 4, seed=0, allow_disconnected=True).graph_at(0))
+
+
+def test_ring_stats() -> None:
+    graph = build_topology("ring", 8, seed=0).graph_at(0)
+    stats = topology_stats(graph, mixing_matrix(graph))
+    assert list(stats) == ["nodes", "edges", "connected", "degree_min", "degree_max", "diameter",
+                           "rho", "spectral_gap", "doubly_stochastic"]
+    expected = {"nodes": 8, "edges": 8, "connected": True, "degree_min": 2, "degree_max": 2, "diameter": 4,
+                "doubly_stochastic": True}
+    assert {key: stats[key] for key in expected} == expected
+    assert stats["rho"] == pytest.approx((1 + 2 * 2 ** -0.5) / 3)  # k = 1 of (1 + 2 cos(2 pi k / 8)) / 3
+    assert stats["spectral_gap"] == pytest.approx(1 - stats["rho"])
+
+
+def test_draw_topology_writes_a_png(tmp_path: Path) -> None:
+    path = tmp_path / "plots" / "ring.png"
+    draw_topology(nx.cycle_graph(6), path, title="ring")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [p.name for p in path.parent.iterdir()] == ["ring.png"]
