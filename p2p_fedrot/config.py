@@ -30,18 +30,24 @@ class LoraSettings:
 
 @dataclass
 class ModelConfig:
-    name: str = "toy:mlp"
-    hidden: int = 64  # toy models only
+    name: str = "toy:mlp"  # toy:mlp | packaged:minilm | packaged:smollm2 | HF model id | local folder
+    task: str = "auto"  # auto | classification | causal_lm (auto: causal_lm for packaged:smollm2)
+    hidden: int = 64  # toy model only
+    max_length: int = 64  # tokens per text
+    precision: str = "auto"  # auto (bf16 autocast on a GPU that supports it, else fp32) | fp32 | bf16 | fp16
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"
-    num_classes: int = 10
+    name: str = "synthetic"  # synthetic | packaged:bbc_news | packaged:health_tweets | packaged:sentiment | file | HF name
+    text_column: str = "text"  # local files and HF datasets
+    label_column: str = "label"
+    split: str = "train"  # HF datasets split to read
+    num_classes: int = 10  # synthetic data only
     features: int = 32  # synthetic data only
-    train_samples: int = 4000
-    test_samples: int = 1000
+    train_samples: int | None = 4000  # at most this many training samples (null: all that remain)
+    test_samples: int = 1000  # size of the shared held-out test set
     class_separation: float = 1.0  # synthetic data: distance scale of the class means
     partition: str = "dirichlet"  # iid | dirichlet | shards
     alpha: float = 0.5  # dirichlet concentration: smaller -> more label skew
@@ -207,6 +213,10 @@ def validate(config: RunConfig) -> None:
         (config.data.alpha > 0, "data.alpha (Dirichlet concentration) must be positive"),
         (0.0 <= config.data.local_test_fraction < 1.0, "data.local_test_fraction must be in [0, 1)"),
         (config.threads is None or config.threads >= 1, "threads must be >= 1 or null"),
+        (config.model.max_length >= 8, "model.max_length must be at least 8 tokens"),
+        (config.model.precision in ("auto", "fp32", "bf16", "fp16"), "model.precision must be auto, fp32, bf16 or fp16"),
+        (config.data.train_samples is None or config.data.train_samples >= 1, "data.train_samples must be >= 1 or null"),
+        (config.data.test_samples >= 1, "data.test_samples must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

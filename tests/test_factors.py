@@ -9,7 +9,7 @@ from p2p_fedrot.model import adapter_name, build_peer_models
 
 
 def toy_models(peers=(0, 1)):
-    return build_peer_models(ModelConfig(), list(peers), input_dim=6, num_classes=3, seed=0, device=torch.device("cpu"))
+    return build_peer_models(ModelConfig(), list(peers), input_dim=16, num_classes=3, seed=0, device=torch.device("cpu"))
 
 
 def test_parameters_are_views_of_the_flat_buffer() -> None:

@@ -10,7 +10,7 @@ from p2p_fedrot.model import build_peer_models
 
 
 def random_peers(n: int):
-    models = build_peer_models(ModelConfig(), list(range(n)), input_dim=6, num_classes=3, seed=0, device=torch.device("cpu"))
+    models = build_peer_models(ModelConfig(), list(range(n)), input_dim=16, num_classes=3, seed=0, device=torch.device("cpu"))
     generator = torch.Generator().manual_seed(3)
     for flat in models.flats.values():
         flat.copy_(torch.randn(flat.shape, generator=generator))
