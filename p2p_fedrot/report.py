@@ -56,6 +56,7 @@ def plot_runs(runs: list[dict], key: str, ylabel: str, path: Path, log: bool = F
     """One line per run of ``key`` against the round number, saved as a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(6.4, 4.2))
     FigureCanvasAgg(figure)
@@ -63,11 +64,12 @@ def plot_runs(runs: list[dict], key: str, ylabel: str, path: Path, log: bool = F
     for run in runs:
         rounds = [m["round"] + 1 for m in run["metrics"]]
         values = [m[key] for m in run["metrics"]]
-        if log:
-            values = [max(v, 1e-30) for v in values]
+        if log:  # exact consensus (0) has no place on a log axis: leave that point out
+            values = [v if v > 0 else float("nan") for v in values]
         axes.plot(rounds, values, marker="o", markersize=3, label=run["name"])
     if log:
         axes.set_yscale("log")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("round")
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)

@@ -31,7 +31,7 @@ from .mixing import mixing_matrix, server_mixing_steps, spectral_gap
 from .model import CAUSAL_LM, build_peer_models, load_tokenizer, task_of
 from .topology import Topology, build_topology, topology_stats
 from .training import PeerTrainer, evaluate
-from .transport import Placement, Runtime, Transport, init_runtime
+from .transport import Placement, Runtime, Transport, collective, init_runtime
 
 
 @dataclass
@@ -116,12 +116,15 @@ class Experiment:
                 evaluate_now = (round + 1) % self.config.eval.every == 0 or round == self.config.rounds - 1
                 agg = self.exchange_and_mix(round, clock, measure=evaluate_now)
                 self.bytes_total += sent
+                record = None
                 if evaluate_now:
                     record = self.evaluate_round(round, clock, agg, sent, time.perf_counter() - start)
-                    if rank0:
+                if rank0:
+                    if record:
                         writer.write(record)
-                        print_progress(record, self.config.rounds)
                         last = record
+                    elapsed = time.perf_counter() - start
+                    print_progress(round, self.config.rounds, elapsed, self.bytes_total, record)
         finally:
             if writer is not None:
                 writer.close()
@@ -218,7 +221,8 @@ class Experiment:
         if not self.runtime.distributed:
             return [obj]
         out = [None] * self.runtime.world if self.runtime.rank == 0 else None
-        dist.gather_object(obj, out, dst=0)
+        with collective("gathering evaluation results", self.config.comm.timeout_s):
+            dist.gather_object(obj, out, dst=0)
         return out or []
 
     def gather_flats(self) -> dict[int, torch.Tensor]:
@@ -228,7 +232,8 @@ class Experiment:
             chunks = [local]
         else:
             chunks = [torch.empty_like(local) for _ in range(self.runtime.world)] if self.runtime.rank == 0 else None
-            dist.gather(local, chunks, dst=0)
+            with collective("gathering factors for the metrics", self.config.comm.timeout_s):
+                dist.gather(local, chunks, dst=0)
         if self.runtime.rank != 0:
             return {}
         stacked = torch.cat(chunks)
@@ -239,7 +244,8 @@ class Experiment:
         if not self.runtime.distributed:
             return dict(seconds)
         values = torch.tensor(list(seconds.values()), dtype=torch.float64, device=self.runtime.device)
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        with collective("combining timings", self.config.comm.timeout_s):
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
         return dict(zip(seconds, values.tolist()))
 
     # ------------------------------------------------------------------ outputs
@@ -250,24 +256,27 @@ class Experiment:
         return JsonlWriter(self.out / "metrics.jsonl")
 
     def topology_record(self) -> dict:
+        """Graph, mixing steps and spectral numbers of round 0 (all rounds, for static graphs).
+
+        The spectral gap is that of one whole round, the product of its mixing steps: the
+        server's up-then-down exchange averages exactly, so its gap is 1.
+        """
         graph = self.topology.graph_at(0)
-        if self.topology.server:
-            W = server_mixing_steps([len(self.data.clients[c].train) for c in self.clients])
-            gossip_W = mixing_matrix(graph, self.config.mixing)
-        else:
-            W = [mixing_matrix(graph, self.config.mixing)]
-            gossip_W = W[0]
+        steps = self.mixing_steps(0)
+        round_W = steps[0]
+        for W in steps[1:]:
+            round_W = W @ round_W
         return {
             "name": self.topology.name,
             "peers": self.topology.peers,
             "server": self.topology.server,
             "static": self.topology.static,
             "params": self.topology.params,
-            "mixing": self.config.mixing,
+            "mixing": "server (sample-weighted average)" if self.topology.server else self.config.mixing,
             "edges": sorted([sorted((int(u), int(v))) for u, v in graph.edges()]),
-            "W": [w.tolist() for w in W] if self.topology.server else W[0].tolist(),
-            "spectral_gap": spectral_gap(gossip_W),
-            "stats": topology_stats(graph, gossip_W),
+            "W": [W.tolist() for W in steps] if len(steps) > 1 else steps[0].tolist(),
+            "spectral_gap": spectral_gap(round_W),
+            "stats": topology_stats(graph, round_W),
             "note": "" if self.topology.static else "time-varying: edges and W are those of round 0",
         }
 
@@ -279,7 +288,8 @@ class Experiment:
             save_consensus_adapter(self.models, [self.last_flats[c] for c in self.clients], adapters)
         wire = torch.tensor([self.transport.wire_bytes], dtype=torch.float64, device=self.runtime.device)
         if self.runtime.distributed:
-            dist.all_reduce(wire)
+            with collective("summing wire bytes", self.config.comm.timeout_s):
+                dist.all_reduce(wire)
         if self.runtime.rank != 0:
             return {}
         summary = {
@@ -305,10 +315,10 @@ def round_float(x: float) -> float:
     return float(f"{x:.6g}") if math.isfinite(x) else x
 
 
-def print_progress(record: dict, rounds: int) -> None:
-    print(
-        f"round {record['round'] + 1:>3}/{rounds} | acc mean {record['mean_accuracy']:.3f} "
-        f"min {record['min_accuracy']:.3f} | consensus {record['consensus_distance']:.2e} | "
-        f"{record['time_s']:.1f} s | {record['bytes_sent_total'] / 1e6:.2f} MB sent",
-        flush=True,
-    )
+def print_progress(round: int, rounds: int, elapsed: float, bytes_total: int, record: dict | None) -> None:
+    """One line per round; accuracy and consensus only on rounds that were evaluated."""
+    scores = "(not evaluated this round)"
+    if record is not None:
+        scores = (f"acc mean {record['mean_accuracy']:.3f} min {record['min_accuracy']:.3f} | "
+                  f"consensus {record['consensus_distance']:.2e}")
+    print(f"round {round + 1:>3}/{rounds} | {scores} | {elapsed:.1f} s | {bytes_total / 1e6:.2f} MB sent", flush=True)

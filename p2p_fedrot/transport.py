@@ -9,6 +9,7 @@ neighbour that stays silent ends the run with an error that names the silent pee
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import time
@@ -69,6 +70,21 @@ class Runtime:
         return self.backend is not None
 
 
+@contextlib.contextmanager
+def collective(what: str, timeout_s: float):
+    """Turn a failed or timed-out collective (bounded by the process-group timeout) into a PeerError."""
+    try:
+        yield
+    except PeerError:
+        raise
+    except Exception as exc:  # torch raises RuntimeError / DistBackendError subclasses
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PeerError(
+            f"{what}: not every process took part within {timeout_s:g} s ({reason}); another process "
+            "stopped or is stuck; check the logs of the other ranks"
+        ) from None
+
+
 def init_runtime(backend: str = "auto", timeout_s: float = 300.0) -> Runtime:
     """Join the torchrun process group if launched by torchrun, else run as one process.
 
@@ -97,11 +113,11 @@ def init_runtime(backend: str = "auto", timeout_s: float = 300.0) -> Runtime:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
     if world == 1:
         return Runtime(0, 1, 0, 1, device, None)
-    if not dist.is_initialized():
-        kwargs = {"device_id": device} if backend == "nccl" else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-    warm = torch.ones(1, device=device)
-    dist.all_reduce(warm)
+    with collective(f"joining the {world}-process group", timeout_s):
+        if not dist.is_initialized():
+            kwargs = {"device_id": device} if backend == "nccl" else {}
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        dist.all_reduce(torch.ones(1, device=device))  # warm-up: NCCL builds its communicator here
     return Runtime(rank, world, local_rank, local_world, device, backend)
 
 
