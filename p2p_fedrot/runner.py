@@ -73,7 +73,8 @@ class Experiment:
             config.model, local, self.data.input_dim, self.data.num_classes, config.seed, runtime.device
         )
         self.layout: FactorLayout = self.models.layout
-        context = methods.MethodContext(self.layout, config.peers, config.rounds)
+        gap = spectral_gap(self.round_mixing(0))
+        context = methods.MethodContext(self.layout, config.peers, config.rounds, gap, self.topology.server)
         self.method = methods.make_method(config.method, config.method_args, context)
         self.states = {p: methods.PeerState(p, self.models.flats[p]) for p in local}
         self.trainers = {
@@ -102,6 +103,14 @@ class Experiment:
         if self.topology.server:
             return server_mixing_steps([len(self.data.clients[c].train) for c in self.clients])
         return [mixing_matrix(self.topology.graph_at(round), self.config.mixing)]
+
+    def round_mixing(self, round: int) -> np.ndarray:
+        """One whole round's mixing: the product of its steps (the server's is exact averaging)."""
+        steps = self.mixing_steps(round)
+        combined = steps[0]
+        for W in steps[1:]:
+            combined = W @ combined
+        return combined
 
     # ------------------------------------------------------------------ round loop
     def run(self) -> dict:
@@ -154,7 +163,9 @@ class Experiment:
     def exchange_and_mix(self, round: int, clock: RoundClock, measure: bool) -> list[tuple[float, float]]:
         """Apply each mixing step of the round; returns (abs, rel) aggregation errors if ``measure``."""
         parts = self.method.sent_parts(round)
-        errors = []
+        errors: list[tuple[float, float]] = []
+        if not parts:
+            return errors
         local = list(self.placement.local_peers)
         for k, W in enumerate(self.static_steps or self.mixing_steps(round)):
             since = time.perf_counter()
@@ -263,9 +274,7 @@ class Experiment:
         """
         graph = self.topology.graph_at(0)
         steps = self.mixing_steps(0)
-        round_W = steps[0]
-        for W in steps[1:]:
-            round_W = W @ round_W
+        round_W = self.round_mixing(0)
         return {
             "name": self.topology.name,
             "peers": self.topology.peers,

@@ -10,7 +10,7 @@ A new method is one small subclass registered with :func:`register`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -29,7 +29,6 @@ class PeerState:
     peer: int
     flat: torch.Tensor  # the live buffer its adapter parameters are views of
     reference: torch.Tensor | None = None  # copy of ``flat`` at the start of the round
-    extra: dict[str, Any] = field(default_factory=dict)  # per-peer state a method keeps across rounds
 
 
 @dataclass(frozen=True)
@@ -39,6 +38,8 @@ class MethodContext:
     layout: FactorLayout
     peers: int
     rounds: int
+    spectral_gap: float  # of one round's mixing (1 - rho), from round 0 for time-varying graphs
+    server: bool  # the topology is the star server mode
 
 
 class Method:
@@ -47,12 +48,15 @@ class Method:
     name: ClassVar[str] = ""
     params: ClassVar[dict[str, Any]] = {}  # accepted method_args and their defaults
     needs_reference: ClassVar[bool] = False
+    server_only: ClassVar[bool] = False  # defined only for the star server topology
 
     def __init__(self, args: dict[str, Any], context: MethodContext) -> None:
         unknown = sorted(set(args) - set(self.params))
         if unknown:
             valid = ", ".join(sorted(self.params)) or "none"
             raise ConfigError(f"method {self.name}: unknown method_args key {unknown[0]!r}; valid keys: {valid}")
+        if self.server_only and not context.server:
+            raise ConfigError(f"method {self.name} aggregates on a server: use topology: server")
         self.args = {**self.params, **args}
         self.context = context
 
@@ -60,6 +64,7 @@ class Method:
         return ALL_PARTS
 
     def sent_parts(self, round: int) -> frozenset[str]:
+        """Parts that travel this round; the empty set means no communication at all."""
         return ALL_PARTS
 
     def before_send(self, peer: PeerState, round: int) -> None:

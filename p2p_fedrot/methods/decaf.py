@@ -1,0 +1,66 @@
+"""DeCAF and FlexLoRA: average the products B_j A_j exactly, then re-factor at rank r.
+
+Each peer receives its neighbours' factors (never a d x d matrix), forms the mixed product
+X = sum_j w_j B_j A_j = [w_1 B_1 ... w_n B_n] [A_1; ...; A_n] implicitly, and takes its rank-r
+truncated SVD through thin QRs of the two stacked factors and an SVD of the small (n r x n r)
+core, so memory is O(d n r). New factors: B = U S^1/2, A = S^1/2 V^T. The head is averaged.
+FlexLoRA is the same rule on the server: the hub does it, the clients adopt the result.
+Same bytes as fedit.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..factors import FactorLayout
+from .base import Method, PeerState, register
+
+
+def truncated_product_svd(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], weights: Sequence[float], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) with B A the best rank-``rank`` approximation of sum_j w_j B_j A_j, never forming it."""
+    dtype = As[0].dtype
+    stacked_b = torch.cat([w * b.double() for w, b in zip(weights, Bs)], dim=1)  # d_out x n r
+    stacked_a = torch.cat([a.double() for a in As], dim=0)  # n r x d_in
+    q_b, r_b = torch.linalg.qr(stacked_b)  # d_out x k, k x n r
+    q_a, r_a = torch.linalg.qr(stacked_a.T)  # d_in x k, k x n r
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)  # small core
+    root = s[:rank].sqrt()
+    B = (q_b @ u[:, :rank]) * root
+    A = root[:, None] * (vh[:rank] @ q_a.T)
+    if B.shape[1] < rank:  # fewer directions than the rank (tiny layers): pad with zeros
+        B = torch.nn.functional.pad(B, (0, rank - B.shape[1]))
+        A = torch.nn.functional.pad(A, (0, 0, 0, rank - A.shape[0]))
+    return B.to(dtype), A.to(dtype)
+
+
+def mix_products(layout: FactorLayout, inputs: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """A full buffer: per module the re-factored product average, the head averaged plainly."""
+    weights = [w for w, _ in inputs]
+    out = torch.zeros_like(inputs[0][1])
+    for weight, payload in inputs:  # head (and, overwritten below, A and B) as a plain average
+        out.add_(payload, alpha=weight)
+    per_a = [layout.a_views(x) for _, x in inputs]
+    per_b = [layout.b_views(x) for _, x in inputs]
+    for m, (a_out, b_out) in enumerate(zip(layout.a_views(out), layout.b_views(out))):
+        B, A = truncated_product_svd([b[m] for b in per_b], [a[m] for a in per_a], weights, a_out.shape[0])
+        b_out.copy_(B)
+        a_out.copy_(A)
+    return out
+
+
+@register
+class DeCAF(Method):
+    name = "decaf"
+
+    def combine(self, peer: PeerState, round: int, inputs: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
+        if len(inputs) == 1 and inputs[0][0] == 1.0:
+            return inputs[0][1].clone()  # adopting one peer's factors (server down step): keep them as they are
+        return mix_products(self.context.layout, inputs)
+
+
+@register
+class FlexLoRA(DeCAF):
+    name = "flexlora"
+    server_only = True

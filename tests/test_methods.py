@@ -1,0 +1,180 @@
+"""Each method's defining invariant, on the toy model with real multi-peer rounds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from p2p_fedrot.config import load_config
+from p2p_fedrot.errors import ConfigError
+from p2p_fedrot.methods.decaf import truncated_product_svd
+from p2p_fedrot.runner import Experiment, RoundClock
+from p2p_fedrot.transport import init_runtime
+
+TOY = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
+
+
+def experiment(tmp_path: Path, *overrides: str) -> Experiment:
+    config = load_config(TOY, ["rounds=4", "train.local_steps=3", f"out={tmp_path}", *overrides])
+    return Experiment(config, init_runtime())
+
+
+def part(exp: Experiment, peer: int, name: str) -> torch.Tensor:
+    start, end = exp.layout.segments[name]
+    return exp.states[peer].flat[start:end].clone()
+
+
+def metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def part_bytes(exp: Experiment, *names: str) -> int:
+    return sum(exp.layout.segments[n][1] - exp.layout.segments[n][0] for n in names) * 4
+
+
+def test_ffa_keeps_A_at_the_shared_init_and_sends_B_and_head(tmp_path: Path) -> None:
+    exp = experiment(tmp_path, "method=ffa")
+    initial_a = part(exp, 0, "A")
+    summary = exp.run()
+    for peer in range(8):
+        assert torch.equal(part(exp, peer, "A"), initial_a)
+    assert summary["payload_bytes"] == part_bytes(exp, "B", "head")  # fedit's payload less all of A
+    assert all(m["aggregation_error"] < 1e-6 for m in metrics(tmp_path))  # shared A: exact averaging
+
+
+@pytest.mark.parametrize("method,schedule", [("rolora", ["B", "A", "B", "A"]), ("adf", ["B", "B", "A", "A"])])
+def test_only_the_scheduled_factor_trains(tmp_path: Path, method: str, schedule: list[str]) -> None:
+    exp = experiment(tmp_path, f"method={method}")
+    for round, factor in enumerate(schedule):
+        frozen = "A" if factor == "B" else "B"
+        before = {p: (part(exp, p, factor), part(exp, p, frozen)) for p in range(8)}
+        exp.train_and_align(round, RoundClock())
+        for p in range(8):
+            assert torch.equal(part(exp, p, frozen), before[p][1]), (round, p)
+            if round > 0 or factor == "B":
+                assert not torch.equal(part(exp, p, factor), before[p][0]), (round, p)
+        exp.exchange_and_mix(round, RoundClock(), measure=False)
+    sent = [exp.payload_bytes(r) for r in range(4)]
+    if method == "rolora":
+        assert sent == [part_bytes(exp, f, "head") for f in schedule]
+    else:
+        assert sent == [part_bytes(exp, "A", "B", "head")] * 4
+
+
+def test_tad_interval_grows_as_the_graph_gets_sparser(tmp_path: Path) -> None:
+    intervals = {t: experiment(tmp_path, "method=tad", "peers=16", f"topology={t}").method.switch_every
+                 for t in ("ring", "torus", "complete")}
+    assert intervals["ring"] > intervals["torus"] > intervals["complete"] == 1
+
+
+def test_decaf_refactors_the_exact_mixed_product_like_a_dense_svd() -> None:
+    g = torch.Generator().manual_seed(0)
+    r, d_out, d_in, weights = 3, 12, 10, [0.5, 0.3, 0.2]
+    Bs = [torch.randn(d_out, r, generator=g, dtype=torch.float64) for _ in weights]
+    As = [torch.randn(r, d_in, generator=g, dtype=torch.float64) for _ in weights]
+    mixed = sum(w * b @ a for w, b, a in zip(weights, Bs, As))
+    u, s, vh = torch.linalg.svd(mixed)
+    best = u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
+    B, A = truncated_product_svd(Bs, As, weights, r)
+    torch.testing.assert_close(B @ A, best, atol=1e-10, rtol=0)
+    torch.testing.assert_close(B.T @ B, torch.diag(s[:r]), atol=1e-10, rtol=0)  # B = U S^1/2
+    torch.testing.assert_close(A @ A.T, torch.diag(s[:r]), atol=1e-10, rtol=0)  # A = S^1/2 V^T
+
+
+def test_decaf_never_forms_a_d_by_d_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """d = 200,000: a dense product would need 160 GB; every decomposition must be of thin or small matrices."""
+    shapes = []
+    real_qr, real_svd = torch.linalg.qr, torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "qr", lambda x, *a, **k: shapes.append(tuple(x.shape)) or real_qr(x, *a, **k))
+    monkeypatch.setattr(torch.linalg, "svd", lambda x, *a, **k: shapes.append(tuple(x.shape)) or real_svd(x, *a, **k))
+    d, r, n = 200_000, 4, 3
+    g = torch.Generator().manual_seed(1)
+    Bs = [torch.randn(d, r, generator=g) for _ in range(n)]
+    As = [torch.randn(r, d, generator=g) for _ in range(n)]
+    B, A = truncated_product_svd(Bs, As, [1 / n] * n, r)
+    assert B.shape == (d, r) and A.shape == (r, d)
+    assert all(min(shape) <= n * r for shape in shapes), shapes
+
+
+def test_decaf_trains_end_to_end_on_a_ring(tmp_path: Path) -> None:
+    experiment(tmp_path, "method=decaf", "rounds=6", "train.local_steps=10").run()
+    records = metrics(tmp_path)
+    assert records[-1]["mean_accuracy"] > records[0]["mean_accuracy"] + 0.1
+
+
+def test_fedsa_never_sends_B(tmp_path: Path) -> None:
+    exp = experiment(tmp_path, "method=fedsa")
+    sent_payloads = []
+    exchange = exp.transport.exchange
+    exp.transport.exchange = lambda payloads, routes, step="": sent_payloads.extend(payloads.values()) or exchange(payloads, routes, step)
+    summary = exp.run()
+    assert summary["payload_bytes"] == part_bytes(exp, "A", "head")
+    assert all(p.numel() * 4 == part_bytes(exp, "A", "head") for p in sent_payloads)
+    bs = [part(exp, p, "B") for p in range(8)]
+    assert all(not torch.equal(bs[0], b) for b in bs[1:])  # B stays each peer's own
+
+
+def test_fedrot_with_lam_zero_is_fedit_bit_for_bit(tmp_path: Path) -> None:
+    fedit = experiment(tmp_path / "fedit", "method=fedit")
+    fedit.run()
+    fedrot = experiment(tmp_path / "fedrot", "method=fedrot", "method_args.lam=0")
+    fedrot.run()
+    for peer in range(8):
+        assert torch.equal(fedit.states[peer].flat, fedrot.states[peer].flat)
+    for a, b in zip(metrics(tmp_path / "fedit"), metrics(tmp_path / "fedrot")):
+        assert a["accuracy"] == b["accuracy"] and a["consensus_distance"] == b["consensus_distance"]
+
+
+def test_local_sends_nothing(tmp_path: Path) -> None:
+    summary = experiment(tmp_path, "method=local").run()
+    assert summary["bytes_sent_total"] == 0 and summary["wire_bytes_total"] == 0
+    assert all(m["bytes_sent"] == 0 for m in metrics(tmp_path))
+
+
+def test_flexlora_needs_the_server_topology_and_matches_a_hand_step(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="topology: server"):
+        experiment(tmp_path / "ring", "method=flexlora")
+    exp = experiment(tmp_path / "server", "method=flexlora", "topology=server", "peers=5", "rounds=1")
+    clients = list(range(1, 5))
+    exp.train_and_align(0, RoundClock())
+    weights = np.array([len(exp.data.clients[c].train) for c in clients], dtype=np.float64)
+    weights /= weights.sum()
+    expected = []
+    for m in range(len(exp.layout.modules)):
+        As = [exp.layout.a_views(exp.states[c].flat)[m] for c in clients]
+        Bs = [exp.layout.b_views(exp.states[c].flat)[m] for c in clients]
+        product = sum(float(w) * b.double() @ a.double() for w, a, b in zip(weights, As, Bs))
+        u, s, vh = torch.linalg.svd(product)
+        r = As[0].shape[0]
+        expected.append(u[:, :r] @ torch.diag(s[:r]) @ vh[:r])
+    exp.exchange_and_mix(0, RoundClock(), measure=False)
+    for node in range(5):
+        for m, target in enumerate(expected):
+            B = exp.layout.b_views(exp.states[node].flat)[m].double()
+            A = exp.layout.a_views(exp.states[node].flat)[m].double()
+            torch.testing.assert_close(B @ A, target, atol=1e-5, rtol=1e-4)
+
+
+def test_pairwise_fedrot_undoes_neighbour_rotations_before_averaging(tmp_path: Path) -> None:
+    """Neighbours holding rotated copies of a peer's factors: receiver-side alignment recovers them exactly."""
+    exp = experiment(tmp_path, "method=fedrot", "method_args={lam: 1.0, reference: pairwise}")
+    layout, state = exp.layout, exp.states[0]
+    g = torch.Generator().manual_seed(0)
+    state.flat.copy_(torch.randn(state.flat.shape, generator=g))
+    inputs = [(0.5, state.flat.clone())]
+    for weight in (0.3, 0.2):
+        rotated = state.flat.clone()
+        for a, b in zip(layout.a_views(rotated), layout.b_views(rotated)):
+            q, _ = torch.linalg.qr(torch.randn(a.shape[0], a.shape[0], generator=g))
+            q[:, 0] *= torch.linalg.det(q).sign()  # a rotation (det +1), as alignment only undoes those
+            a.copy_(q.T @ a)
+            b.copy_(b @ q)
+        inputs.append((weight, rotated))
+    mixed = exp.method.combine(state, 1, inputs)
+    torch.testing.assert_close(mixed, state.flat, atol=1e-4, rtol=1e-4)
+    plain = sum(w * x for w, x in inputs)
+    assert (plain - state.flat).abs().max() > 0.1  # without alignment the average is damaged
