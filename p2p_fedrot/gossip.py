@@ -6,7 +6,7 @@ up step (clients -> hub) and down step (hub -> clients) are all expressed this w
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -26,13 +26,14 @@ def keeps_own_value(W: np.ndarray, peer: int) -> bool:
     return W[peer, peer] == 1.0 and np.count_nonzero(W[peer]) == 1
 
 
-def collect_mix_inputs(transport: Transport, W: np.ndarray, payloads: Mapping[int, torch.Tensor], step: str = "") -> dict[int, MixInputs]:
+def collect_mix_inputs(transport: Transport, W: np.ndarray, payloads: Mapping[int, torch.Tensor], step: str = "",
+                       numel_of: Callable[[int], int] | None = None) -> dict[int, MixInputs]:
     """Exchange payloads along W's routes; for each hosted peer that mixes, its (W_ij, x_j) list.
 
     The list is ordered by j (the peer itself included), so summing it gives bit-identical results
     however peers are spread over processes.
     """
-    received = transport.exchange(payloads, routes_of(W), step=step)
+    received = transport.exchange(payloads, routes_of(W), step=step, numel_of=numel_of)
     received.update(payloads)
     inputs = {}
     for i in payloads:
@@ -49,6 +50,3 @@ def weighted_sum(inputs: MixInputs) -> torch.Tensor:
     return total
 
 
-def messages_per_step(W: np.ndarray) -> int:
-    """Number of peer-to-peer payloads a step sends (one per directed route)."""
-    return len(routes_of(W))

@@ -24,7 +24,7 @@ from .adapters import save_consensus_adapter, save_peer_adapters
 from .config import RunConfig, save_config
 from .data import build_data
 from .factors import FactorLayout
-from .gossip import collect_mix_inputs, messages_per_step
+from .gossip import collect_mix_inputs, routes_of
 from .io import JsonlWriter, atomic_write_json
 from .metrics import aggregation_error, consensus_distance
 from .mixing import mixing_matrix, server_mixing_steps, spectral_gap
@@ -74,7 +74,9 @@ class Experiment:
         )
         self.layout: FactorLayout = self.models.layout
         gap = spectral_gap(self.round_mixing(0))
-        context = methods.MethodContext(self.layout, config.peers, config.rounds, gap, self.topology.server)
+        context = methods.MethodContext(
+            self.layout, config.peers, config.rounds, gap, self.topology.server, self.models.model
+        )
         self.method = methods.make_method(config.method, config.method_args, context)
         self.states = {p: methods.PeerState(p, self.models.flats[p]) for p in local}
         self.trainers = {
@@ -152,13 +154,22 @@ class Experiment:
             since = clock.add("train", since)
             self.method.before_send(state, round)
             clock.add("align", since)
+        return self.round_bytes(round)
+
+    def round_bytes(self, round: int) -> int:
+        """Bytes all peers send in a round: one payload per directed route of every mixing step."""
+        if not self.method.sent_parts(round):
+            return 0
+        element = next(iter(self.models.flats.values())).element_size()
         steps = self.static_steps or self.mixing_steps(round)
-        payload = self.payload_bytes(round)
-        return sum(messages_per_step(W) for W in steps) * payload
+        return sum(self.method.payload_numel(round, k, src) * element
+                   for k, W in enumerate(steps) for src, _ in routes_of(W))
 
     def payload_bytes(self, round: int) -> int:
+        """Size of one peer's message in the round's first step (what a gossip peer sends each neighbour)."""
         element = next(iter(self.models.flats.values())).element_size()
-        return self.layout.payload_numel(self.method.sent_parts(round)) * element
+        sender = self.clients[0]
+        return self.method.payload_numel(round, 0, sender) * element if self.method.sent_parts(round) else 0
 
     def exchange_and_mix(self, round: int, clock: RoundClock, measure: bool) -> list[tuple[float, float]]:
         """Apply each mixing step of the round; returns (abs, rel) aggregation errors if ``measure``."""
@@ -169,8 +180,10 @@ class Experiment:
         local = list(self.placement.local_peers)
         for k, W in enumerate(self.static_steps or self.mixing_steps(round)):
             since = time.perf_counter()
-            payloads = {p: self.layout.extract(self.states[p].flat, parts) for p in local}
-            mixes = collect_mix_inputs(self.transport, W, payloads, step=f"round {round} step {k}")
+            payloads = {p: self.method.pack(self.states[p], round, k, self.layout.extract(self.states[p].flat, parts))
+                        for p in local}
+            mixes = collect_mix_inputs(self.transport, W, payloads, step=f"round {round} step {k}",
+                                       numel_of=lambda src: self.method.payload_numel(round, k, src))
             updates = {i: self.method.combine(self.states[i], round, inputs) for i, inputs in mixes.items()}
             if measure:
                 for i, inputs in mixes.items():

@@ -14,7 +14,7 @@ import datetime
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -135,13 +135,22 @@ class Transport:
         self.wire_bytes = 0  # bytes this process actually sent to other processes
         self._checked: set[int] = set()
 
-    def exchange(self, payloads: Mapping[int, torch.Tensor], routes: Iterable[Route], step: str = "") -> dict[int, torch.Tensor]:
+    def exchange(self, payloads: Mapping[int, torch.Tensor], routes: Iterable[Route], step: str = "",
+                 numel_of: Callable[[int], int] | None = None) -> dict[int, torch.Tensor]:
         """Deliver ``payloads[src]`` of every local source to the destinations named in ``routes``.
 
-        ``payloads`` holds one 1-D tensor per local peer (equal sizes). Returns, for every source
-        with a route into a local peer, the payload as seen here (the same tensor for local
-        sources, a view into the received message for remote ones). ``step`` labels errors.
+        ``payloads`` holds one 1-D tensor per local peer. ``numel_of(src)`` is the size of the
+        payload peer ``src`` sends in this step (every process computes the same); by default all
+        payloads have the size of the local ones. Returns, for every source with a route into a
+        local peer, the payload as seen here (the same tensor for local sources, a view into the
+        received message for remote ones). ``step`` labels errors.
         """
+        if numel_of is None:
+            common = self._common_numel(payloads)
+
+            def numel_of(src: int) -> int:
+                return common
+
         local = set(self.placement.local_peers)
         result: dict[int, torch.Tensor] = {}
         send_to: dict[int, set[int]] = {}
@@ -156,8 +165,8 @@ class Transport:
                 recv_from.setdefault(self.placement.owner(src), set()).add(src)
         if not send_to and not recv_from:
             return result
-        numel = self._payload_numel(payloads)
-        self._handshake(set(send_to) | set(recv_from), numel, step)
+        self._handshake(set(send_to) | set(recv_from), numel_of, step)
+        dtype = next(iter(payloads.values())).dtype
         ops, targets, inboxes = [], [], []
         for process in sorted(set(send_to) | set(recv_from)):
             if process in send_to:
@@ -167,32 +176,34 @@ class Transport:
                 self.wire_bytes += message.numel() * message.element_size()
             if process in recv_from:
                 sources = sorted(recv_from[process])
-                inbox = torch.empty(len(sources) * numel, dtype=self._dtype(payloads), device=self.device)
+                inbox = torch.empty(sum(numel_of(s) for s in sources), dtype=dtype, device=self.device)
                 ops.append(dist.P2POp(dist.irecv, inbox, process))
                 targets.append(process)
-                inboxes.append((process, sources, inbox))
+                inboxes.append((sources, inbox))
         works = dist.batch_isend_irecv(ops)
         self._wait(works, targets, step)
-        for _, sources, inbox in inboxes:
-            for k, src in enumerate(sources):
-                result[src] = inbox[k * numel : (k + 1) * numel]
+        for sources, inbox in inboxes:
+            for src, piece in zip(sources, inbox.split([numel_of(s) for s in sources])):
+                result[src] = piece
         return result
 
-    def _payload_numel(self, payloads: Mapping[int, torch.Tensor]) -> int:
+    @staticmethod
+    def _common_numel(payloads: Mapping[int, torch.Tensor]) -> int:
         sizes = {p.numel() for p in payloads.values()}
         if len(sizes) != 1:
-            raise ValueError(f"all local payloads must have the same size, got sizes {sorted(sizes)}")
+            raise ValueError(f"local payloads differ in size ({sorted(sizes)}); pass numel_of to say who sends what")
         return sizes.pop()
 
-    @staticmethod
-    def _dtype(payloads: Mapping[int, torch.Tensor]) -> torch.dtype:
-        return next(iter(payloads.values())).dtype
+    def _handshake(self, processes: set[int], numel_of: Callable[[int], int], step: str) -> None:
+        """First contact with a process: swap (magic, fingerprint, payload size) and fail fast on a mismatch.
 
-    def _handshake(self, processes: set[int], numel: int, step: str) -> None:
-        """First contact with a process: swap (magic, fingerprint) and fail fast on a mismatch."""
+        The size is that of this process's first peer's payload in this step; the receiver
+        compares it with the size it expects from that peer.
+        """
         new = sorted(processes - self._checked)
         if not new:
             return
+        numel = numel_of(self.placement.local_peers.start)
         mine = torch.tensor([HEADER_MAGIC, self.fingerprint, numel], dtype=torch.int64, device=self.device)
         theirs = {p: torch.zeros(3, dtype=torch.int64, device=self.device) for p in new}
         ops = [dist.P2POp(dist.isend, mine, p) for p in new] + [dist.P2POp(dist.irecv, theirs[p], p) for p in new]
@@ -210,10 +221,11 @@ class Transport:
                     f"(fingerprint {fingerprint:#x} != ours {self.fingerprint:#x}): model, LoRA rank, "
                     "method, peers or topology differ; launch every process with the same config"
                 )
-            if their_numel != numel:
+            expected = numel_of(self.placement.peers_of(process).start)
+            if their_numel != expected:
                 raise PeerError(
                     f"process {process} (peers {self._peer_list(process)}) sends payloads of {their_numel} "
-                    f"values, this process expects {numel}; the LoRA shapes differ between processes"
+                    f"values, this process expects {expected}; the LoRA shapes differ between processes"
                 )
         self._checked.update(new)
 

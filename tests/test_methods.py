@@ -110,7 +110,7 @@ def test_fedsa_never_sends_B(tmp_path: Path) -> None:
     exp = experiment(tmp_path, "method=fedsa")
     sent_payloads = []
     exchange = exp.transport.exchange
-    exp.transport.exchange = lambda payloads, routes, step="": sent_payloads.extend(payloads.values()) or exchange(payloads, routes, step)
+    exp.transport.exchange = lambda payloads, *args, **kwargs: sent_payloads.extend(payloads.values()) or exchange(payloads, *args, **kwargs)
     summary = exp.run()
     assert summary["payload_bytes"] == part_bytes(exp, "A", "head")
     assert all(p.numel() * 4 == part_bytes(exp, "A", "head") for p in sent_payloads)
@@ -178,3 +178,25 @@ def test_pairwise_fedrot_undoes_neighbour_rotations_before_averaging(tmp_path: P
     torch.testing.assert_close(mixed, state.flat, atol=1e-4, rtol=1e-4)
     plain = sum(w * x for w, x in inputs)
     assert (plain - state.flat).abs().max() > 0.1  # without alignment the average is damaged
+
+
+def test_fedex_effective_weights_are_the_exact_average_of_products(tmp_path: Path) -> None:
+    exp = experiment(tmp_path, "method=fedex", "topology=server", "peers=5", "rounds=1")
+    layout, clients = exp.layout, list(range(1, 5))
+    modules = dict(exp.models.model.named_modules())
+    base_before = [modules[m].get_base_layer().weight.detach().clone() for m in layout.modules]
+    exp.train_and_align(0, RoundClock())
+    weights = np.array([len(exp.data.clients[c].train) for c in clients], dtype=np.float64)
+    weights /= weights.sum()
+    exact = [sum(float(w) * s * layout.b_views(exp.states[c].flat)[m].double() @ layout.a_views(exp.states[c].flat)[m].double()
+                 for w, c in zip(weights, clients))
+             for m, s in enumerate(layout.scalings)]
+    exp.exchange_and_mix(0, RoundClock(), measure=False)
+    for m, (name, s) in enumerate(zip(layout.modules, layout.scalings)):
+        base_after = modules[name].get_base_layer().weight.detach().double()
+        for c in clients:
+            effective = base_after + s * layout.b_views(exp.states[c].flat)[m].double() @ layout.a_views(exp.states[c].flat)[m].double()
+            torch.testing.assert_close(effective, base_before[m].double() + exact[m], atol=1e-5, rtol=0)
+    residual_bytes = 4 * sum(b.shape[0] * a.shape[1] for a, b in zip(layout.a, layout.b))
+    factor_bytes = 4 * layout.numel
+    assert exp.round_bytes(0) == 4 * factor_bytes + 4 * (factor_bytes + residual_bytes)  # 4 clients up, hub down

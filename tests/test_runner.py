@@ -46,8 +46,10 @@ COMPARED = ["accuracy", "loss", "local_accuracy", "local_loss", "consensus_dista
 
 
 @pytest.mark.slow
-def test_toy_run_is_identical_with_one_and_two_processes(tmp_path: Path) -> None:
-    common = ["run", TOY, "--set", "peers=8", "--set", "topology=ring", "--set", "rounds=4", "--set", "threads=1"]
+@pytest.mark.parametrize("topology,method", [("ring", "fedrot"), ("server", "fedex")])
+def test_toy_run_is_identical_with_one_and_two_processes(tmp_path: Path, topology: str, method: str) -> None:
+    common = ["run", TOY, "--set", "peers=8", "--set", f"topology={topology}", "--set", f"method={method}",
+              "--set", "rounds=4", "--set", "threads=1"]
     one = cli([*common, "--set", f"out={tmp_path / 'p1'}"])
     assert one.returncode == 0, one.stderr
     two = cli([*common, "--set", f"out={tmp_path / 'p2'}"], nproc=2)

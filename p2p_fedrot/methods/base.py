@@ -3,7 +3,8 @@
 1. ``trained_parts(round)``  which factors the local optimizer may change (others are frozen)
 2. ``before_send(peer, round)``  e.g. rotate the factors toward a reference (fedrot)
 3. ``sent_parts(round)``  which parts of the flat buffer travel to the neighbours
-4. ``combine(peer, round, inputs)``  the new value of those parts from (weight, payload) pairs
+4. ``pack(peer, round, step, payload)``  what actually travels (default: those parts as they are)
+5. ``combine(peer, round, inputs)``  the new value of those parts from (weight, packed payload) pairs
 
 A new method is one small subclass registered with :func:`register`.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
 from ..factors import FactorLayout
@@ -40,6 +42,7 @@ class MethodContext:
     rounds: int
     spectral_gap: float  # of one round's mixing (1 - rho), from round 0 for time-varying graphs
     server: bool  # the topology is the star server mode
+    model: nn.Module | None = None  # the process's shared peft model, for methods that touch base weights
 
 
 class Method:
@@ -69,6 +72,14 @@ class Method:
 
     def before_send(self, peer: PeerState, round: int) -> None:
         """Hook run on every training peer after local steps and before the exchange."""
+
+    def pack(self, peer: PeerState, round: int, step: int, payload: torch.Tensor) -> torch.Tensor:
+        """The message ``peer`` sends in mixing step ``step`` (the server mode has two steps)."""
+        return payload
+
+    def payload_numel(self, round: int, step: int, sender: int) -> int:
+        """Size of :meth:`pack`'s result for ``sender``; every process must compute the same."""
+        return self.context.layout.payload_numel(self.sent_parts(round))
 
     def combine(self, peer: PeerState, round: int, inputs: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
         """New value of the sent parts from the (W_ij, x_j) pairs, ordered by j: sum_j W_ij x_j."""
