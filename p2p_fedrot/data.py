@@ -42,6 +42,12 @@ class Dataset:
             yield {k: v[start:stop] for k, v in self.inputs.items()}, self.labels[start:stop]
 
 
+def pool(datasets: Sequence[Dataset]) -> Dataset:
+    """All samples of several datasets, in order (the centralized baseline's training set)."""
+    keys = datasets[0].inputs.keys()
+    return Dataset({k: torch.cat([d.inputs[k] for d in datasets]) for k in keys}, torch.cat([d.labels for d in datasets]))
+
+
 @dataclass
 class PeerData:
     train: Dataset

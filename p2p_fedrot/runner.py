@@ -22,7 +22,7 @@ import torch.distributed as dist
 from . import methods
 from .adapters import save_consensus_adapter, save_peer_adapters
 from .config import RunConfig, save_config
-from .data import build_data
+from .data import build_data, pool
 from .factors import FactorLayout
 from .gossip import collect_mix_inputs, routes_of
 from .io import JsonlWriter, atomic_write_json
@@ -32,6 +32,9 @@ from .model import CAUSAL_LM, build_peer_models, load_tokenizer, task_of
 from .topology import Topology, build_topology, topology_stats
 from .training import PeerTrainer, evaluate
 from .transport import Placement, Runtime, Transport, collective, init_runtime
+
+
+POOLED_STREAM = 2**32 - 1  # seed key of the pooled learner's batches (never a peer id)
 
 
 @dataclass
@@ -79,15 +82,28 @@ class Experiment:
         )
         self.method = methods.make_method(config.method, config.method_args, context)
         self.states = {p: methods.PeerState(p, self.models.flats[p]) for p in local}
-        self.trainers = {
-            p: PeerTrainer(self.models, p, self.data.clients[p].train, config.train, config.seed, config.model.precision)
-            for p in local
-            if not self.is_server(p)
-        }
+        self.local_clients = [p for p in local if not self.is_server(p)]
+        self.trainers = self.make_trainers()
         self.transport = Transport(self.placement, runtime.device, config.comm.timeout_s, self.fingerprint())
         self.static_steps = self.mixing_steps(0) if self.topology.static else None
         self.out = Path(config.out)
         self.bytes_total = 0
+
+    def make_trainers(self) -> dict[int, PeerTrainer]:
+        """One trainer per hosted client; for a pooled-data method, one learner on all the data.
+
+        The pooled learner uses the same data and seeds on every process, so each process trains
+        it once and its other hosted clients copy the result: everyone holds the one model.
+        """
+        c = self.config
+        if not self.local_clients:
+            return {}
+        if self.method.pooled_data:
+            everything = pool([self.data.clients[p].train for p in self.clients])
+            first = self.local_clients[0]
+            return {first: PeerTrainer(self.models, first, everything, c.train, c.seed, c.model.precision, POOLED_STREAM)}
+        return {p: PeerTrainer(self.models, p, self.data.clients[p].train, c.train, c.seed, c.model.precision)
+                for p in self.local_clients}
 
     def is_server(self, peer: int) -> bool:
         return self.topology.server and peer == 0
@@ -154,6 +170,10 @@ class Experiment:
             since = clock.add("train", since)
             self.method.before_send(state, round)
             clock.add("align", since)
+        if self.method.pooled_data and self.trainers:
+            (learner,) = self.trainers
+            for other in self.local_clients:
+                self.states[other].flat.copy_(self.states[learner].flat)
         return self.round_bytes(round)
 
     def round_bytes(self, round: int) -> int:
@@ -200,7 +220,7 @@ class Experiment:
         since = time.perf_counter()
         batch, precision = self.config.eval.batch_size, self.config.model.precision
         local_results = {}
-        for peer in self.trainers:
+        for peer in self.local_clients:
             shared = evaluate(self.models, peer, self.data.test, batch, precision)
             own = evaluate(self.models, peer, self.data.clients[peer].local_test, batch, precision)
             local_results[peer] = (shared.accuracy, shared.loss, own.accuracy, own.loss)

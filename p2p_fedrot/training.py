@@ -55,9 +55,11 @@ class PeerTrainer:
     the same thing whichever process hosts it.
     """
 
-    def __init__(self, models: PeerModels, peer: int, data: Dataset, config: TrainConfig, seed: int, precision: str = "auto") -> None:
+    def __init__(self, models: PeerModels, peer: int, data: Dataset, config: TrainConfig, seed: int,
+                 precision: str = "auto", stream: int | None = None) -> None:
         self.models, self.peer, self.data, self.config, self.seed = models, peer, data, config, seed
         self.precision = precision
+        self.stream = peer if stream is None else stream  # key of its batch and dropout seeds
         device = models.flats[peer].device
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         a, b, head = adapter_parameters(models.model, adapter_name(peer))
@@ -77,8 +79,8 @@ class PeerTrainer:
                 p.requires_grad_(part in trained_parts)
         trainable = [p for part in trained_parts for p in self.parts[part]]
         models.model.train()
-        torch.manual_seed(derive_seed(self.seed, "dropout", self.peer, round))
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, "batches", self.peer, round))
+        torch.manual_seed(derive_seed(self.seed, "dropout", self.stream, round))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "batches", self.stream, round))
         device = models.flats[self.peer].device
         losses = []
         for _ in range(config.local_steps):

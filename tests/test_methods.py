@@ -200,3 +200,22 @@ def test_fedex_effective_weights_are_the_exact_average_of_products(tmp_path: Pat
     residual_bytes = 4 * sum(b.shape[0] * a.shape[1] for a, b in zip(layout.a, layout.b))
     factor_bytes = 4 * layout.numel
     assert exp.round_bytes(0) == 4 * factor_bytes + 4 * (factor_bytes + residual_bytes)  # 4 clients up, hub down
+
+
+def test_centralized_is_one_learner_on_the_pooled_data(tmp_path: Path) -> None:
+    from p2p_fedrot.data import pool
+    from p2p_fedrot.runner import POOLED_STREAM
+    from p2p_fedrot.training import PeerTrainer
+
+    exp = experiment(tmp_path / "run", "method=centralized", "rounds=3")
+    config = exp.config
+    hand = experiment(tmp_path / "hand", "method=local", "rounds=3")  # fresh models, same init
+    everything = pool([hand.data.clients[p].train for p in range(8)])
+    assert len(everything) == sum(len(hand.data.clients[p].train) for p in range(8))
+    learner = PeerTrainer(hand.models, 0, everything, config.train, config.seed, stream=POOLED_STREAM)
+    for round in range(3):
+        learner.train(round, frozenset({"A", "B", "head"}))
+    summary = exp.run()
+    for peer in range(8):
+        assert torch.equal(exp.states[peer].flat, hand.states[0].flat)
+    assert summary["bytes_sent_total"] == 0

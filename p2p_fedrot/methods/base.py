@@ -52,6 +52,7 @@ class Method:
     params: ClassVar[dict[str, Any]] = {}  # accepted method_args and their defaults
     needs_reference: ClassVar[bool] = False
     server_only: ClassVar[bool] = False  # defined only for the star server topology
+    pooled_data: ClassVar[bool] = False  # one learner on the union of the clients' data
 
     def __init__(self, args: dict[str, Any], context: MethodContext) -> None:
         unknown = sorted(set(args) - set(self.params))
