@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML config file, e.g. configs/toy.yaml")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set topology=torus --set train.lr=0.05 (repeatable)")
+    run.add_argument("--resume", action="store_true",
+                     help="go on from the checkpoint in the run's out folder (same as --set resume=true)")
 
     topo = sub.add_parser("topology", help="describe a communication graph and its mixing matrix")
     topo.add_argument("spec", help="catalogue name (ring, torus, ...), topology YAML, graph file, "
@@ -63,7 +65,7 @@ def command_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .runner import run
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, [*args.overrides, *(["resume=true"] if args.resume else [])])
     summary = run(config)
     if summary:
         print(f"done: final mean accuracy {summary['final_mean_accuracy']:.4f}; outputs in {config.out}")

@@ -65,6 +65,7 @@ class TrainConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
+    optimizer_state: str = "method"  # method (the method's rule) | keep (across rounds) | reset (every round)
 
 
 @dataclass
@@ -90,6 +91,8 @@ class RunConfig:
     allow_disconnected: bool = False
     method: str = "fedrot"
     method_args: dict = field(default_factory=dict)
+    checkpoint_every: int = 0  # rounds between checkpoints in out/checkpoint (0: only after the last round)
+    resume: bool = False  # go on from the checkpoint in out (raise rounds to extend a finished run)
     threads: int | None = None  # torch threads per process; None: cores / local processes
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -205,6 +208,8 @@ def validate(config: RunConfig) -> None:
         (config.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (config.train.lr > 0, "train.lr must be positive"),
         (config.train.optimizer in ("sgd", "adamw"), "train.optimizer must be sgd or adamw"),
+        (config.train.optimizer_state in ("method", "keep", "reset"),
+         "train.optimizer_state must be method, keep or reset"),
         (config.train.grad_clip is None or config.train.grad_clip > 0, "train.grad_clip must be positive or null"),
         (config.eval.every >= 1, "eval.every must be >= 1 (rounds between evaluations)"),
         (config.comm.backend in ("auto", "gloo", "nccl"), "comm.backend must be auto, gloo or nccl"),
@@ -212,6 +217,7 @@ def validate(config: RunConfig) -> None:
         (config.data.partition in ("iid", "dirichlet", "shards"), "data.partition must be iid, dirichlet or shards"),
         (config.data.alpha > 0, "data.alpha (Dirichlet concentration) must be positive"),
         (0.0 <= config.data.local_test_fraction < 1.0, "data.local_test_fraction must be in [0, 1)"),
+        (config.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0: checkpoint only after the last round)"),
         (config.threads is None or config.threads >= 1, "threads must be >= 1 or null"),
         (config.model.max_length >= 8, "model.max_length must be at least 8 tokens"),
         (config.model.precision in ("auto", "fp32", "bf16", "fp16"), "model.precision must be auto, fp32, bf16 or fp16"),

@@ -51,10 +51,10 @@ def atomic_write_png(figure: Any, path: str | os.PathLike) -> None:
 class JsonlWriter:
     """Appends one JSON object per line and flushes it, so a killed run keeps every finished round."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, append: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(self.path, "w", encoding="utf-8")
+        self._handle = open(self.path, "a" if append else "w", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         self._handle.write(json.dumps(record) + "\n")

@@ -1,4 +1,4 @@
-"""The round loop: train -> align -> exchange -> mix -> evaluate -> log.
+"""The round loop: train -> align -> exchange -> mix -> evaluate -> log -> checkpoint.
 
 Every process runs this loop for the peers it hosts. All decisions (graph of the round, mixing
 weights, which parts train or travel) are computed identically on every process from the config
@@ -19,13 +19,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import methods
+from . import checkpoint, methods
 from .adapters import save_consensus_adapter, save_peer_adapters
 from .config import RunConfig, save_config
 from .data import build_data, pool
 from .factors import FactorLayout
 from .gossip import collect_mix_inputs, routes_of
-from .io import JsonlWriter, atomic_write_json
+from .io import JsonlWriter, atomic_write_json, atomic_write_text
 from .metrics import aggregation_error, consensus_distance
 from .mixing import mixing_matrix, server_mixing_steps, spectral_gap
 from .model import CAUSAL_LM, build_peer_models, load_tokenizer, task_of
@@ -84,6 +84,8 @@ class Experiment:
         self.states = {p: methods.PeerState(p, self.models.flats[p]) for p in local}
         self.local_clients = [p for p in local if not self.is_server(p)]
         self.trainers = self.make_trainers()
+        rule = config.train.optimizer_state
+        self.reset_optimizer = rule == "reset" or (rule == "method" and self.method.resets_optimizer)
         self.transport = Transport(self.placement, runtime.device, config.comm.timeout_s, self.fingerprint())
         self.static_steps = self.mixing_steps(0) if self.topology.static else None
         self.out = Path(config.out)
@@ -133,11 +135,12 @@ class Experiment:
     # ------------------------------------------------------------------ round loop
     def run(self) -> dict:
         rank0 = self.runtime.rank == 0
-        writer = self.start_outputs() if rank0 else None
-        start = time.perf_counter()
+        first, earlier_seconds = self.restore() if self.config.resume else (0, 0.0)
+        writer = self.start_outputs(first) if rank0 else None
+        start = time.perf_counter() - earlier_seconds
         last: dict = {}
         try:
-            for round in range(self.config.rounds):
+            for round in range(first, self.config.rounds):
                 clock = RoundClock()
                 sent = self.train_and_align(round, clock)
                 evaluate_now = (round + 1) % self.config.eval.every == 0 or round == self.config.rounds - 1
@@ -152,6 +155,8 @@ class Experiment:
                         last = record
                     elapsed = time.perf_counter() - start
                     print_progress(round, self.config.rounds, elapsed, self.bytes_total, record)
+                if self.checkpoint_due(round):
+                    self.save_checkpoint(round, time.perf_counter() - start)
         finally:
             if writer is not None:
                 writer.close()
@@ -165,6 +170,8 @@ class Experiment:
             state = self.states[peer]
             if self.method.needs_reference:
                 state.reference = state.flat.detach().clone()
+            if self.reset_optimizer and round > 0:
+                trainer.reset_optimizer()
             since = time.perf_counter()
             trainer.train(round, trained)
             since = clock.add("train", since)
@@ -214,6 +221,39 @@ class Experiment:
                 self.layout.insert(self.states[i].flat, parts, value)
             clock.add("exchange", since)
         return errors
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_due(self, round: int) -> bool:
+        every = self.config.checkpoint_every
+        return round == self.config.rounds - 1 or (every > 0 and (round + 1) % every == 0)
+
+    def save_checkpoint(self, round: int, elapsed: float) -> None:
+        """Each process writes its peers; once all have, process 0 commits the checkpoint."""
+        folder = checkpoint.round_folder(self.out, round)
+        for peer in self.placement.local_peers:
+            trainer = self.trainers.get(peer)
+            checkpoint.save_peer(folder, peer, self.states[peer].flat, trainer.optimizer if trainer else None)
+        if self.runtime.rank == 0:
+            checkpoint.save_shared(folder, self.method.state_tensors())
+        if self.runtime.distributed:
+            with collective("writing the checkpoint", self.config.comm.timeout_s):
+                dist.barrier()
+        if self.runtime.rank == 0:
+            meta = {"bytes_total": self.bytes_total, "elapsed_s": elapsed, "config": self.config.to_dict()}
+            checkpoint.commit(self.out, round, meta)
+
+    def restore(self) -> tuple[int, float]:
+        """Load the checkpoint in ``out``; returns the first round to run and the seconds already spent."""
+        found = checkpoint.find(self.out, self.config.to_dict())
+        for peer in self.placement.local_peers:
+            self.states[peer].flat.copy_(found.peer(peer)["flat"])
+        for peer, trainer in self.trainers.items():
+            # the pooled learner is the same on every process; the first client's file holds it
+            source = self.clients[0] if self.method.pooled_data else peer
+            checkpoint.load_optimizer_tensors(trainer.optimizer, found.peer(source))
+        self.method.load_state_tensors(found.shared())
+        self.bytes_total = found.meta["bytes_total"]
+        return found.round + 1, found.meta["elapsed_s"]
 
     # ------------------------------------------------------------------ metrics
     def evaluate_round(self, round: int, clock: RoundClock, agg: list, sent: int, elapsed: float) -> dict:
@@ -293,11 +333,19 @@ class Experiment:
         return dict(zip(seconds, values.tolist()))
 
     # ------------------------------------------------------------------ outputs
-    def start_outputs(self) -> JsonlWriter:
+    def start_outputs(self, first: int) -> JsonlWriter:
+        """Fresh outputs, or, when resuming at round ``first``, the metrics of the rounds before it."""
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(self.config, self.out / "config.yaml")
         atomic_write_json(self.out / "topology.json", self.topology_record())
-        return JsonlWriter(self.out / "metrics.jsonl")
+        metrics = self.out / "metrics.jsonl"
+        if first == 0:
+            (checkpoint.folder_of(self.out) / checkpoint.LATEST).unlink(missing_ok=True)  # not this run's
+            return JsonlWriter(metrics)
+        kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["round"] < first] if metrics.is_file() else []
+        atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+        return JsonlWriter(metrics, append=True)
 
     def topology_record(self) -> dict:
         """Graph, mixing steps and spectral numbers of round 0 (all rounds, for static graphs).
@@ -328,6 +376,8 @@ class Experiment:
         save_peer_adapters(self.models, [p for p in self.placement.local_peers if not self.is_server(p)], adapters)
         if self.runtime.rank == 0:
             save_consensus_adapter(self.models, [self.last_flats[c] for c in self.clients], adapters)
+            if state := self.method.state_tensors():
+                checkpoint.save_tensors(adapters / "method_state.safetensors", state)
         wire = torch.tensor([self.transport.wire_bytes], dtype=torch.float64, device=self.runtime.device)
         if self.runtime.distributed:
             with collective("summing wire bytes", self.config.comm.timeout_s):

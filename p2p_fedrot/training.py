@@ -49,7 +49,7 @@ def autocast_for(device: torch.device, precision: str):
 
 
 class PeerTrainer:
-    """Owns one peer's optimizer (kept across rounds) and runs its local steps.
+    """Owns one peer's optimizer (kept across rounds unless reset) and runs its local steps.
 
     Batches and dropout draw from seeds derived from (run seed, peer, round), so a peer computes
     the same thing whichever process hosts it.
@@ -69,6 +69,10 @@ class PeerTrainer:
             self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         else:
             self.optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+    def reset_optimizer(self) -> None:
+        """Forget moments and step counts, as if the optimizer were new (its settings stay)."""
+        self.optimizer.state.clear()
 
     def train(self, round: int, trained_parts: frozenset[str]) -> float:
         """Run ``local_steps`` optimizer steps on the given parts; returns the mean training loss."""

@@ -27,6 +27,7 @@ def test_overrides_are_parsed_as_yaml_values() -> None:
         ("peers=eight", "'peers'"),
         ("rounds=0", "rounds must be at least 1"),
         ("comm.backend=mpi", "comm.backend"),
+        ("train.optimizer_state=sometimes", "train.optimizer_state must be method, keep or reset"),
         ("train=3", "'train' must be a mapping"),
         ("nonsense", "key=value"),
     ],

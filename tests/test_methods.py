@@ -106,6 +106,21 @@ def test_decaf_trains_end_to_end_on_a_ring(tmp_path: Path) -> None:
     assert records[-1]["mean_accuracy"] > records[0]["mean_accuracy"] + 0.1
 
 
+def adam_steps(exp: Experiment, peer: int) -> set[int]:
+    return {int(state["step"]) for state in exp.trainers[peer].optimizer.state.values()}
+
+
+@pytest.mark.parametrize("method,rule,reset", [("fedit", "method", False), ("decaf", "method", True),
+                                               ("decaf", "keep", False), ("fedit", "reset", True)])
+def test_optimizer_state_follows_the_method_rule_or_the_config(tmp_path: Path, method: str, rule: str, reset: bool) -> None:
+    exp = experiment(tmp_path, f"method={method}", "train.optimizer=adamw", "train.lr=0.01",
+                     f"train.optimizer_state={rule}")
+    for round in range(3):
+        exp.train_and_align(round, RoundClock())
+        exp.exchange_and_mix(round, RoundClock(), measure=False)
+    assert adam_steps(exp, 0) == ({3} if reset else {9})  # 3 local steps a round, 3 rounds
+
+
 def test_fedsa_never_sends_B(tmp_path: Path) -> None:
     exp = experiment(tmp_path, "method=fedsa")
     sent_payloads = []

@@ -53,6 +53,9 @@ class Method:
     needs_reference: ClassVar[bool] = False
     server_only: ClassVar[bool] = False  # defined only for the star server topology
     pooled_data: ClassVar[bool] = False  # one learner on the union of the clients' data
+    # combine re-derives the factors in a new basis each round, so the optimizer's moments, which
+    # belong to the old basis, are dropped before local training (train.optimizer_state: method)
+    resets_optimizer: ClassVar[bool] = False
 
     def __init__(self, args: dict[str, Any], context: MethodContext) -> None:
         unknown = sorted(set(args) - set(self.params))
@@ -63,6 +66,13 @@ class Method:
             raise ConfigError(f"method {self.name} aggregates on a server: use topology: server")
         self.args = {**self.params, **args}
         self.context = context
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """State beyond the peers' buffers that a checkpoint must keep (the same on every process)."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_tensors` returned, when a run resumes."""
 
     def trained_parts(self, round: int) -> frozenset[str]:
         return ALL_PARTS

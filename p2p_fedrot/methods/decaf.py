@@ -53,6 +53,7 @@ def mix_products(layout: FactorLayout, inputs: Sequence[tuple[float, torch.Tenso
 @register
 class DeCAF(Method):
     name = "decaf"
+    resets_optimizer = True
 
     def combine(self, peer: PeerState, round: int, inputs: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
         if len(inputs) == 1 and inputs[0][0] == 1.0:

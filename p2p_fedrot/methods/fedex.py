@@ -53,6 +53,19 @@ class FedEx(Method):
             self.folded_round = round
         return packed[: layout.numel].clone()
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The base weights the folded residuals have changed."""
+        return {f"base.{name}": weight for name, weight in self._base_weights().items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, weight in self._base_weights().items():
+                weight.copy_(tensors[f"base.{name}"])
+
+    def _base_weights(self) -> dict[str, torch.Tensor]:
+        modules = dict(self.context.model.named_modules())
+        return {name: modules[name].get_base_layer().weight for name in self.context.layout.modules}
+
     def _residual(self, inputs: Sequence[tuple[float, torch.Tensor]], averaged: torch.Tensor) -> torch.Tensor:
         layout = self.context.layout
         pieces = []
@@ -63,10 +76,10 @@ class FedEx(Method):
 
     def _fold(self, residual: torch.Tensor) -> None:
         layout = self.context.layout
-        modules = dict(self.context.model.named_modules())
+        weights = self._base_weights()
         offset = 0
         for name, scaling, a, b in zip(layout.modules, layout.scalings, layout.a, layout.b):
-            weight = modules[name].get_base_layer().weight
+            weight = weights[name]
             size = b.shape[0] * a.shape[1]
             delta = residual[offset : offset + size].view(b.shape[0], a.shape[1])
             with torch.no_grad():

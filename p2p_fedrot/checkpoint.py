@@ -1,0 +1,138 @@
+"""Checkpoints that let a stopped run go on exactly where it ended, on any number of processes.
+
+Every random draw of a round is seeded from (seed, peer, round), so a peer's future depends only
+on its buffer, its optimizer state and the method's shared state. A checkpoint holds those, per
+peer, in ``out/checkpoint/round_XXXX/`` (safetensors), plus ``latest.json``, written last and
+atomically, which names the newest complete folder: a crash while saving leaves the previous
+checkpoint in force. Per-peer files make the checkpoint independent of how peers were placed on
+processes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+
+from .errors import ConfigError
+from .io import atomic_write_bytes, atomic_write_json
+
+LATEST = "latest.json"
+SHARED = "shared.safetensors"
+# Keys that may change when a run is resumed: they do not alter what a round computes.
+FREE_KEYS = ("rounds", "out", "resume", "checkpoint_every", "threads", "eval", "comm")
+
+
+def folder_of(out: Path) -> Path:
+    return out / "checkpoint"
+
+
+def peer_file(folder: Path, peer: int) -> Path:
+    return folder / f"peer_{peer:03d}.safetensors"
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state (moments, step counts) as named tensors."""
+    tensors = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            if value is not None:
+                tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value)
+    return tensors
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`optimizer_tensors`; the hyper-parameters stay those of the current config."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def save_peer(folder: Path, peer: int, flat: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+    tensors = {"flat": flat}
+    if optimizer is not None:
+        tensors.update(optimizer_tensors(optimizer))
+    save_tensors(peer_file(folder, peer), tensors)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+
+def save_shared(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """The method's own state (e.g. fedex's base weights), the same on every process."""
+    if tensors:
+        save_tensors(folder / SHARED, tensors)
+
+
+def comparable(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The config as dotted keys (``train.lr``), without the keys a resumed run may change."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if not prefix and key in FREE_KEYS:
+            continue
+        if isinstance(value, dict) and value:
+            flat.update(comparable(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def commit(out: Path, round: int, meta: dict[str, Any]) -> None:
+    """Point ``latest.json`` at the folder of ``round`` (complete by now), then drop older folders."""
+    root = folder_of(out)
+    atomic_write_json(root / LATEST, {"round": round, "folder": round_folder(out, round).name, **meta})
+    for old in root.glob("round_*"):
+        if old.name != round_folder(out, round).name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def round_folder(out: Path, round: int) -> Path:
+    return folder_of(out) / f"round_{round:04d}"
+
+
+@dataclass
+class Checkpoint:
+    """A committed checkpoint: the last finished round and where its tensors are."""
+
+    round: int
+    folder: Path
+    meta: dict[str, Any]
+
+    def peer(self, peer: int) -> dict[str, torch.Tensor]:
+        path = peer_file(self.folder, peer)
+        if not path.is_file():
+            raise ConfigError(f"checkpoint {self.folder} has no file for peer {peer}; it is incomplete, "
+                              "start the run again without resume")
+        return load_file(path)
+
+    def shared(self) -> dict[str, torch.Tensor]:
+        path = self.folder / SHARED
+        return load_file(path) if path.is_file() else {}
+
+
+def find(out: Path, config: dict[str, Any]) -> Checkpoint:
+    """The checkpoint of the run in ``out``, after checking that ``config`` describes the same run."""
+    latest = folder_of(out) / LATEST
+    if not latest.is_file():
+        raise ConfigError(f"resume: no checkpoint in {folder_of(out)}; run once without resume "
+                          "(checkpoints are written every checkpoint_every rounds and at the end)")
+    meta = json.loads(latest.read_text(encoding="utf-8"))
+    before, now = comparable(meta["config"]), comparable(config)
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        key = changed[0]
+        raise ConfigError(f"resume: config key '{key}' is {now.get(key)!r} but the checkpointed run used "
+                          f"{before.get(key)!r}; only {', '.join(FREE_KEYS)} may change when resuming")
+    if meta["round"] + 1 >= config["rounds"]:
+        raise ConfigError(f"resume: the run in {out} already finished {meta['round'] + 1} rounds; "
+                          f"set rounds above {meta['round'] + 1} to continue it")
+    return Checkpoint(meta["round"], folder_of(out) / meta["folder"], meta)

@@ -1,0 +1,108 @@
+"""A run stopped after a checkpoint and resumed computes exactly what an uninterrupted run does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from p2p_fedrot import checkpoint
+from p2p_fedrot.config import load_config
+from p2p_fedrot.errors import ConfigError
+from p2p_fedrot.runner import Experiment
+from p2p_fedrot.transport import init_runtime
+
+from test_runner import COMPARED, TOY, cli, read_metrics
+
+ADAMW = ["train.optimizer=adamw", "train.lr=0.01", "train.local_steps=3"]
+
+
+def run(out: Path, *overrides: str) -> Experiment:
+    experiment = Experiment(load_config(TOY, [f"out={out}", *overrides]), init_runtime())
+    experiment.run()
+    return experiment
+
+
+def assert_same_metrics(first: list[dict], second: list[dict]) -> None:
+    assert [r["round"] for r in first] == [r["round"] for r in second]
+    for r1, r2 in zip(first, second):
+        for key in [*COMPARED, "bytes_sent_total"]:
+            np.testing.assert_allclose(r1[key], r2[key], rtol=0, atol=1e-6, err_msg=f"round {r1['round']} {key}")
+
+
+@pytest.mark.parametrize("setting", [
+    ["method=fedrot", *ADAMW],  # factors, rotations and AdamW moments all carry over
+    ["method=fedex", "topology=server", "peers=5"],  # base weights changed by the folded residuals
+    ["method=centralized", *ADAMW],  # the pooled learner
+])
+def test_resumed_run_equals_the_uninterrupted_run(tmp_path: Path, setting: list[str]) -> None:
+    whole = run(tmp_path / "whole", "rounds=5", *setting)
+    run(tmp_path / "split", "rounds=2", *setting)
+    (tmp_path / "split" / "metrics.jsonl").open("a").write('{"round": 7, "stale": true}\n')  # trimmed on resume
+    resumed = run(tmp_path / "split", "rounds=5", "resume=true", *setting)
+    assert_same_metrics(read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split"))
+    for peer, state in whole.states.items():
+        torch.testing.assert_close(resumed.states[peer].flat, state.flat, rtol=0, atol=1e-6)
+    state_file = tmp_path / "split" / "adapters" / "method_state.safetensors"
+    assert state_file.is_file() == ("method=fedex" in setting)
+    if state_file.is_file():  # fedex's folded base weights are saved with the adapters
+        saved = load_file(state_file)
+        assert saved.keys() == whole.method.state_tensors().keys()
+        for key, weight in whole.method.state_tensors().items():
+            torch.testing.assert_close(saved[key], weight, rtol=0, atol=1e-6)
+    summary = json.loads((tmp_path / "split" / "summary.json").read_text())
+    assert summary["bytes_sent_total"] == json.loads((tmp_path / "whole" / "summary.json").read_text())["bytes_sent_total"]
+
+
+def test_only_the_newest_complete_checkpoint_is_kept(tmp_path: Path) -> None:
+    run(tmp_path, "rounds=5", "checkpoint_every=2")
+    folder = checkpoint.folder_of(tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["latest.json", "round_0004"]
+    assert json.loads((folder / "latest.json").read_text())["round"] == 4
+    assert sorted(p.name for p in (folder / "round_0004").iterdir()) == [f"peer_{p:03d}.safetensors" for p in range(8)]
+
+
+def test_a_run_killed_mid_way_resumes_from_its_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = run(tmp_path / "whole", "rounds=6", *ADAMW)
+    train = Experiment.train_and_align
+
+    def crash_in_round_five(self: Experiment, round: int, clock) -> int:
+        if round == 5:
+            raise KeyboardInterrupt
+        return train(self, round, clock)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Experiment, "train_and_align", crash_in_round_five)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "split", "rounds=6", "checkpoint_every=2", *ADAMW)  # checkpoints after rounds 2 and 4
+    assert json.loads((checkpoint.folder_of(tmp_path / "split") / checkpoint.LATEST).read_text())["round"] == 3
+    resumed = run(tmp_path / "split", "rounds=6", "checkpoint_every=2", "resume=true", *ADAMW)
+    assert_same_metrics(read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split"))
+    torch.testing.assert_close(resumed.states[3].flat, whole.states[3].flat, rtol=0, atol=1e-6)
+
+
+def test_resume_refuses_a_different_run(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        run(tmp_path, "rounds=3", "resume=true")
+    run(tmp_path, "rounds=2")
+    with pytest.raises(ConfigError, match=r"'train\.lr' is 0\.5 but the checkpointed run used"):
+        run(tmp_path, "rounds=3", "resume=true", "train.lr=0.5")
+    with pytest.raises(ConfigError, match="already finished 2 rounds; set rounds above 2"):
+        run(tmp_path, "rounds=2", "resume=true")
+
+
+@pytest.mark.slow
+def test_a_checkpoint_from_one_process_resumes_on_two(tmp_path: Path) -> None:
+    common = ["run", TOY, "--set", "threads=1", *[x for o in ADAMW for x in ("--set", o)]]
+    whole = cli([*common, "--set", "rounds=4", "--set", f"out={tmp_path / 'whole'}"])
+    assert whole.returncode == 0, whole.stderr
+    first = cli([*common, "--set", "rounds=2", "--set", f"out={tmp_path / 'split'}"])
+    assert first.returncode == 0, first.stderr
+    second = cli([*common, "--set", "rounds=4", "--set", f"out={tmp_path / 'split'}", "--resume"], nproc=2)
+    assert second.returncode == 0, second.stderr
+    assert_same_metrics(read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split"))
+    assert "round   3/4" in second.stdout and "round   1/4" not in second.stdout
