@@ -21,8 +21,8 @@ def _save_adapter(models: PeerModels, adapter: str, target: Path) -> None:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         models.model.save_pretrained(staging, selected_adapters=[adapter])
-        if target.exists():
-            shutil.rmtree(target)
+        if target.exists():  # move the old one aside first: a crash now leaves it in the staging folder
+            os.replace(target, staging / "previous")
         os.replace(staging / adapter, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -81,7 +81,7 @@ def command_report(args: argparse.Namespace) -> int:
 
 
 def command_topology(args: argparse.Namespace) -> int:
-    from .mixing import mixing_matrix
+    from .mixing import compose, mixing_matrix, server_mixing_steps
     from .topology import build_topology, draw_topology, topology_stats
 
     if args.peers < 2:
@@ -89,12 +89,16 @@ def command_topology(args: argparse.Namespace) -> int:
     spec = yaml.safe_load(args.spec) if args.spec.lstrip().startswith("{") else args.spec
     topology = build_topology(spec, args.peers, args.seed, args.allow_disconnected)
     graph = topology.graph_at(args.round)
-    stats = topology_stats(graph, mixing_matrix(graph, args.mixing))
+    if topology.server:  # a round is the hub's average then the clients' adoption (equal weights here)
+        W, mixing = compose(server_mixing_steps([1.0] * (args.peers - 1))), "server average"
+    else:
+        W, mixing = mixing_matrix(graph, args.mixing), args.mixing
+    stats = topology_stats(graph, W)
     if args.json:
         print(json.dumps(stats))
     else:
         width = max(len(k) for k in stats)
-        print(f"topology {topology.name} ({'static' if topology.static else 'time-varying'}, mixing {args.mixing})")
+        print(f"topology {topology.name} ({'static' if topology.static else 'time-varying'}, mixing {mixing})")
         for key, value in stats.items():
             shown = f"{value:.6f}" if isinstance(value, float) else value
             print(f"  {key:<{width}}  {shown}")

@@ -223,10 +223,37 @@ def validate(config: RunConfig) -> None:
         (config.model.precision in ("auto", "fp32", "bf16", "fp16"), "model.precision must be auto, fp32, bf16 or fp16"),
         (config.data.train_samples is None or config.data.train_samples >= 1, "data.train_samples must be >= 1 or null"),
         (config.data.test_samples >= 1, "data.test_samples must be >= 1"),
+        (config.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
+        (0.0 <= config.train.momentum < 1.0, "train.momentum must be in [0, 1)"),
+        (config.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (config.model.lora.alpha > 0, "model.lora.alpha (the LoRA scale numerator) must be positive"),
+        (config.model.hidden >= 1, "model.hidden (the toy model's width) must be >= 1"),
+        (config.model.task in ("auto", "classification", "causal_lm"),
+         "model.task must be auto, classification or causal_lm"),
+        (config.data.min_samples >= 1, "data.min_samples must be >= 1 (every peer needs training data)"),
+        (config.data.shards_per_peer >= 1, "data.shards_per_peer must be >= 1"),
+        *_pairing_checks(config),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def _pairing_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    """Synthetic feature vectors only fit the toy MLP, and text only fits a transformer."""
+    synthetic, toy = config.data.name == "synthetic", config.model.name == "toy:mlp"
+    if not synthetic:
+        return [(not toy, f"data.name={config.data.name!r} is text, which model.name=toy:mlp cannot read; "
+                 "set model.name to packaged:minilm, packaged:smollm2 or a Hugging Face model")]
+    return [
+        (toy, f"data.name=synthetic gives feature vectors that only model.name=toy:mlp reads, not "
+              f"{config.model.name!r}; set model.name=toy:mlp, or data.name to a text corpus such as packaged:bbc_news"),
+        (config.model.task != "causal_lm", "model.task=causal_lm needs text data and a decoder model such as "
+                                           "packaged:smollm2; data.name=synthetic is for classification"),
+        (config.data.num_classes >= 2, "data.num_classes must be >= 2"),
+        (config.data.features >= 1, "data.features must be >= 1"),
+        (config.data.class_separation > 0, "data.class_separation must be positive (0 makes the classes identical)"),
+    ]
 
 
 def save_config(config: RunConfig, path: str | os.PathLike) -> None:

@@ -89,6 +89,12 @@ def build_data(config: DataConfig, clients: Sequence[int], seed: int, tokenizer=
     for client, index in zip(clients, parts):
         index = rng.permutation(index)
         n_test = int(round(len(index) * config.local_test_fraction))
+        if n_test == len(index):
+            raise ConfigError(
+                f"peer {client} gets {len(index)} samples, {n_test} held out by data.local_test_fraction="
+                f"{config.local_test_fraction}, so none to train on; use fewer peers, more data.train_samples, "
+                "a smaller data.local_test_fraction or a higher data.min_samples"
+            )
         peers[client] = PeerData(train.subset(index[n_test:]), train.subset(index[:n_test]))
     return FederatedData(test, peers, num_classes, input_dim)
 

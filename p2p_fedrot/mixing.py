@@ -120,3 +120,11 @@ def server_mixing_steps(client_weights: Sequence[float]) -> list[np.ndarray]:
     down = np.zeros((n, n))
     down[:, 0] = 1.0
     return [up, down]
+
+
+def compose(steps: Sequence[np.ndarray]) -> np.ndarray:
+    """A whole round's mixing: the product of its steps in the order they are applied."""
+    combined = steps[0]
+    for W in steps[1:]:
+        combined = W @ combined
+    return combined

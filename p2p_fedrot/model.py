@@ -47,10 +47,34 @@ def adapter_name(peer: int) -> str:
 
 
 def task_of(config: ModelConfig) -> str:
-    """``model.task`` with ``auto`` resolved: SmolLM2 is a causal LM, everything else a classifier."""
+    """``model.task`` with ``auto`` resolved: SmolLM2 is a causal LM, everything else a classifier.
+
+    An explicit causal_lm is checked against the model first, before any data is tokenised.
+    """
+    if config.task == CAUSAL_LM:
+        _require_decoder(config)
     if config.task != "auto":
         return config.task
     return CAUSAL_LM if config.name == "packaged:smollm2" else CLASSIFICATION
+
+
+def _require_decoder(config: ModelConfig) -> None:
+    """Reject encoders for causal_lm: transformers gives BERT-like models a language-model head,
+    but without ``is_decoder`` their attention sees the very tokens they are asked to predict."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    hf_config = None if config.name == "toy:mlp" else _from_pretrained(AutoConfig, model_source(config))
+    kind = getattr(hf_config, "model_type", "toy")
+    encoder = kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(hf_config, "is_decoder", False)
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder:
+        raise ConfigError(
+            f"model.task=causal_lm needs a decoder language model and model.name={config.name!r} ({kind}) is not "
+            "one; use a decoder such as packaged:smollm2, or model.task=classification"
+        )
 
 
 def cache_dir() -> Path:

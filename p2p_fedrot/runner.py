@@ -7,6 +7,7 @@ and the seed, so processes only exchange factors, never control messages.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -27,7 +28,7 @@ from .factors import FactorLayout
 from .gossip import collect_mix_inputs, routes_of
 from .io import JsonlWriter, atomic_write_json, atomic_write_text
 from .metrics import aggregation_error, consensus_distance
-from .mixing import mixing_matrix, server_mixing_steps, spectral_gap
+from .mixing import compose, mixing_matrix, server_mixing_steps, spectral_gap
 from .model import CAUSAL_LM, build_peer_models, load_tokenizer, task_of
 from .topology import Topology, build_topology, topology_stats
 from .training import PeerTrainer, evaluate
@@ -35,6 +36,7 @@ from .transport import Placement, Runtime, Transport, collective, init_runtime
 
 
 POOLED_STREAM = 2**32 - 1  # seed key of the pooled learner's batches (never a peer id)
+SCHEDULE_WINDOW = 64  # rounds averaged to plan with a time-varying graph's spectral gap
 
 
 @dataclass
@@ -76,17 +78,15 @@ class Experiment:
             config.model, local, self.data.input_dim, self.data.num_classes, config.seed, runtime.device
         )
         self.layout: FactorLayout = self.models.layout
-        gap = spectral_gap(self.round_mixing(0))
-        context = methods.MethodContext(
-            self.layout, config.peers, config.rounds, gap, self.topology.server, self.models.model
-        )
+        context = methods.MethodContext(self.layout, self.planning_gap(), self.topology.server, self.models.model)
         self.method = methods.make_method(config.method, config.method_args, context)
         self.states = {p: methods.PeerState(p, self.models.flats[p]) for p in local}
         self.local_clients = [p for p in local if not self.is_server(p)]
         self.trainers = self.make_trainers()
         rule = config.train.optimizer_state
         self.reset_optimizer = rule == "reset" or (rule == "method" and self.method.resets_optimizer)
-        self.transport = Transport(self.placement, runtime.device, config.comm.timeout_s, self.fingerprint())
+        self.transport = Transport(self.placement, runtime.device, config.comm.timeout_s, self.fingerprint(),
+                                   runtime.wire_device)
         self.static_steps = self.mixing_steps(0) if self.topology.static else None
         self.out = Path(config.out)
         self.bytes_total = 0
@@ -124,13 +124,16 @@ class Experiment:
             return server_mixing_steps([len(self.data.clients[c].train) for c in self.clients])
         return [mixing_matrix(self.topology.graph_at(round), self.config.mixing)]
 
+    def planning_gap(self) -> float:
+        """The spectral gap methods plan with: one round's, or for a time-varying graph that of its
+        average round over a window (a single random matching is disconnected; matchings mix)."""
+        if self.topology.static:
+            return spectral_gap(self.round_mixing(0))
+        return spectral_gap(np.mean([self.round_mixing(r) for r in range(SCHEDULE_WINDOW)], axis=0))
+
     def round_mixing(self, round: int) -> np.ndarray:
         """One whole round's mixing: the product of its steps (the server's is exact averaging)."""
-        steps = self.mixing_steps(round)
-        combined = steps[0]
-        for W in steps[1:]:
-            combined = W @ combined
-        return combined
+        return compose(self.mixing_steps(round))
 
     # ------------------------------------------------------------------ round loop
     def run(self) -> dict:
@@ -211,6 +214,7 @@ class Experiment:
                         for p in local}
             mixes = collect_mix_inputs(self.transport, W, payloads, step=f"round {round} step {k}",
                                        numel_of=lambda src: self.method.payload_numel(round, k, src))
+            mixes = {i: self.method.receive(self.states[i], round, inputs) for i, inputs in mixes.items()}
             updates = {i: self.method.combine(self.states[i], round, inputs) for i, inputs in mixes.items()}
             if measure:
                 for i, inputs in mixes.items():
@@ -235,9 +239,7 @@ class Experiment:
             checkpoint.save_peer(folder, peer, self.states[peer].flat, trainer.optimizer if trainer else None)
         if self.runtime.rank == 0:
             checkpoint.save_shared(folder, self.method.state_tensors())
-        if self.runtime.distributed:
-            with collective("writing the checkpoint", self.config.comm.timeout_s):
-                dist.barrier()
+        self.all_arrive("writing the checkpoint")
         if self.runtime.rank == 0:
             meta = {"bytes_total": self.bytes_total, "elapsed_s": elapsed, "config": self.config.to_dict()}
             checkpoint.commit(self.out, round, meta)
@@ -301,9 +303,21 @@ class Experiment:
             record["perplexity"] = math.exp(min(mean_loss, 50.0))
         return record
 
+    def all_arrive(self, what: str) -> None:
+        """Wait for every process; on Gloo the error names the processes that did not arrive."""
+        if not self.runtime.distributed:
+            return
+        timeout = self.config.comm.timeout_s
+        with collective(what, timeout):
+            if self.runtime.backend == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout), wait_all_ranks=True)
+            else:
+                dist.barrier()
+
     def gather_objects(self, obj) -> list:
         if not self.runtime.distributed:
             return [obj]
+        self.all_arrive("evaluating")
         out = [None] * self.runtime.world if self.runtime.rank == 0 else None
         with collective("gathering evaluation results", self.config.comm.timeout_s):
             dist.gather_object(obj, out, dst=0)
@@ -311,7 +325,7 @@ class Experiment:
 
     def gather_flats(self) -> dict[int, torch.Tensor]:
         """Every peer's buffer on process 0 (for metrics that compare all peers)."""
-        local = torch.stack([self.states[p].flat for p in self.placement.local_peers])
+        local = torch.stack([self.states[p].flat for p in self.placement.local_peers]).to(self.runtime.wire_device)
         if not self.runtime.distributed:
             chunks = [local]
         else:
@@ -327,7 +341,7 @@ class Experiment:
         """The slowest process sets the pace, so report its time per phase."""
         if not self.runtime.distributed:
             return dict(seconds)
-        values = torch.tensor(list(seconds.values()), dtype=torch.float64, device=self.runtime.device)
+        values = torch.tensor(list(seconds.values()), dtype=torch.float64, device=self.runtime.wire_device)
         with collective("combining timings", self.config.comm.timeout_s):
             dist.all_reduce(values, op=dist.ReduceOp.MAX)
         return dict(zip(seconds, values.tolist()))
@@ -378,7 +392,7 @@ class Experiment:
             save_consensus_adapter(self.models, [self.last_flats[c] for c in self.clients], adapters)
             if state := self.method.state_tensors():
                 checkpoint.save_tensors(adapters / "method_state.safetensors", state)
-        wire = torch.tensor([self.transport.wire_bytes], dtype=torch.float64, device=self.runtime.device)
+        wire = torch.tensor([self.transport.wire_bytes], dtype=torch.float64, device=self.runtime.wire_device)
         if self.runtime.distributed:
             with collective("summing wire bytes", self.config.comm.timeout_s):
                 dist.all_reduce(wire)

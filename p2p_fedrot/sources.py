@@ -55,18 +55,33 @@ def load_text_corpus(
     if builder is not None:
         if not Path(name).is_file():
             raise ConfigError(f"data file {name!r} does not exist; fix the path in the data source setting")
-        dataset = _hf_load(builder, data_files=name, split="train")
+        try:
+            dataset = _hf_load(builder, data_files=name, split="train")
+        except Exception as error:  # pandas, pyarrow and datasets each raise their own types
+            raise ConfigError(
+                f"data.name={name!r}: the file could not be read as {builder}: {_reason(error)}; "
+                "fix the file or point data.name at another one"
+            ) from error
     else:
         try:
             dataset = _hf_load(name, split=split)
         except Exception as error:  # datasets raises many unrelated types for "not available"
-            first_line = (str(error).splitlines() or [type(error).__name__])[0]
+            first_line = _first_line(error)
             raise ConfigError(
                 f"Hugging Face dataset {name!r} (split {split!r}) could not be loaded offline: {first_line}. "
                 f"Only datasets already in the local cache work; use a local .csv/.jsonl/.parquet file "
                 f"or one of {_PACKAGED_SOURCES}"
             ) from error
     return _corpus_from_dataset(dataset, name, text_column, label_column)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+def _reason(error: BaseException) -> str:
+    """The parser's own message: datasets wraps it in a generic "error while generating" one."""
+    return _first_line(error.__cause__ or error).rstrip(".")
 
 
 def _hf_load(path: str, **kwargs: Any) -> Any:

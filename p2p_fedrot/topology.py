@@ -21,7 +21,15 @@ from .errors import ConfigError
 from .io import atomic_write_png
 from .mixing import is_doubly_stochastic, second_eigenvalue_modulus
 
-CATALOGUE = Path(__file__).resolve().parent.parent / "topologies"
+
+def _catalogue_folder() -> Path:
+    """The topology YAMLs: shipped inside an installed package, or at the top of a source checkout."""
+    package = Path(__file__).resolve().parent
+    installed = package / "topologies"
+    return installed if installed.is_dir() else package.parent / "topologies"
+
+
+CATALOGUE = _catalogue_folder()
 MAX_DRAWS = 100  # random graphs are redrawn with seed, seed+1, ... at most this often to get a connected one
 GRAPH_READERS: dict[str, Callable[[str], nx.Graph]] = {
     ".edges": nx.read_edgelist,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -109,10 +108,6 @@ class PeerTrainer:
 class EvalResult:
     accuracy: float  # classification accuracy, or next-token accuracy for a causal LM
     loss: float  # mean cross-entropy per example (per token for a causal LM)
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(min(self.loss, 50.0))
 
 
 @torch.no_grad()

@@ -69,6 +69,11 @@ class Runtime:
     def distributed(self) -> bool:
         return self.backend is not None
 
+    @property
+    def wire_device(self) -> torch.device:
+        """Where messages and collectives live: the GPU for NCCL, host memory for Gloo (even on a GPU)."""
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
 
 @contextlib.contextmanager
 def collective(what: str, timeout_s: float):
@@ -77,7 +82,7 @@ def collective(what: str, timeout_s: float):
         yield
     except PeerError:
         raise
-    except Exception as exc:  # torch raises RuntimeError / DistBackendError subclasses
+    except RuntimeError as exc:  # torch's DistBackendError and gloo/NCCL failures are RuntimeErrors
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PeerError(
             f"{what}: not every process took part within {timeout_s:g} s ({reason}); another process "
@@ -117,8 +122,9 @@ def init_runtime(backend: str = "auto", timeout_s: float = 300.0) -> Runtime:
         if not dist.is_initialized():
             kwargs = {"device_id": device} if backend == "nccl" else {}
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-        dist.all_reduce(torch.ones(1, device=device))  # warm-up: NCCL builds its communicator here
-    return Runtime(rank, world, local_rank, local_world, device, backend)
+        runtime = Runtime(rank, world, local_rank, local_world, device, backend)
+        dist.all_reduce(torch.ones(1, device=runtime.wire_device))  # warm-up: NCCL builds its communicator here
+    return runtime
 
 
 Route = tuple[int, int]  # (source peer, destination peer)
@@ -127,9 +133,11 @@ Route = tuple[int, int]  # (source peer, destination peer)
 class Transport:
     """Delivers per-peer payloads along directed routes, with a handshake and deadlines."""
 
-    def __init__(self, placement: Placement, device: torch.device, timeout_s: float, fingerprint: int) -> None:
+    def __init__(self, placement: Placement, device: torch.device, timeout_s: float, fingerprint: int,
+                 wire_device: torch.device | None = None) -> None:
         self.placement = placement
-        self.device = device
+        self.device = device  # where payloads come from and received ones are delivered
+        self.wire_device = device if wire_device is None else wire_device  # where messages travel from
         self.timeout_s = timeout_s
         self.fingerprint = fingerprint & 0x7FFFFFFFFFFFFFFF
         self.wire_bytes = 0  # bytes this process actually sent to other processes
@@ -170,20 +178,20 @@ class Transport:
         ops, targets, inboxes = [], [], []
         for process in sorted(set(send_to) | set(recv_from)):
             if process in send_to:
-                message = torch.cat([payloads[s] for s in sorted(send_to[process])])
+                message = torch.cat([payloads[s] for s in sorted(send_to[process])]).to(self.wire_device)
                 ops.append(dist.P2POp(dist.isend, message, process))
                 targets.append(process)
                 self.wire_bytes += message.numel() * message.element_size()
             if process in recv_from:
                 sources = sorted(recv_from[process])
-                inbox = torch.empty(sum(numel_of(s) for s in sources), dtype=dtype, device=self.device)
+                inbox = torch.empty(sum(numel_of(s) for s in sources), dtype=dtype, device=self.wire_device)
                 ops.append(dist.P2POp(dist.irecv, inbox, process))
                 targets.append(process)
                 inboxes.append((sources, inbox))
         works = dist.batch_isend_irecv(ops)
         self._wait(works, targets, step)
         for sources, inbox in inboxes:
-            for src, piece in zip(sources, inbox.split([numel_of(s) for s in sources])):
+            for src, piece in zip(sources, inbox.to(self.device).split([numel_of(s) for s in sources])):
                 result[src] = piece
         return result
 
@@ -204,8 +212,8 @@ class Transport:
         if not new:
             return
         numel = numel_of(self.placement.local_peers.start)
-        mine = torch.tensor([HEADER_MAGIC, self.fingerprint, numel], dtype=torch.int64, device=self.device)
-        theirs = {p: torch.zeros(3, dtype=torch.int64, device=self.device) for p in new}
+        mine = torch.tensor([HEADER_MAGIC, self.fingerprint, numel], dtype=torch.int64, device=self.wire_device)
+        theirs = {p: torch.zeros(3, dtype=torch.int64, device=self.wire_device) for p in new}
         ops = [dist.P2POp(dist.isend, mine, p) for p in new] + [dist.P2POp(dist.irecv, theirs[p], p) for p in new]
         self._wait(dist.batch_isend_irecv(ops), new + new, f"{step} handshake".strip())
         for process, header in theirs.items():

@@ -56,3 +56,9 @@ def test_build_data_is_reproducible_and_every_client_has_a_local_test_split() ->
     for c in range(8):
         assert np.array_equal(a.clients[c].train.labels.numpy(), b.clients[c].train.labels.numpy())
         assert len(a.clients[c].local_test) > 0
+
+
+def test_a_peer_left_without_training_data_is_named() -> None:
+    config = DataConfig(partition="iid", train_samples=40, min_samples=1, local_test_fraction=0.99)
+    with pytest.raises(ConfigError, match=r"peer 0 .*data\.local_test_fraction=0\.99.*none to train on.*data\.train_samples"):
+        build_data(config, list(range(8)), seed=0)

@@ -15,7 +15,7 @@ from p2p_fedrot.errors import PeerError
 from p2p_fedrot.gossip import collect_mix_inputs, weighted_sum
 from p2p_fedrot.mixing import mixing_matrix, server_mixing_steps
 from p2p_fedrot.topology import build_topology
-from p2p_fedrot.transport import Placement, Transport, init_runtime
+from p2p_fedrot.transport import Placement, Runtime, Transport, init_runtime
 
 PEERS = 8
 GRAPHS = {
@@ -115,3 +115,10 @@ def test_config_mismatch_fails_fast_on_both_sides() -> None:
         assert "different configuration" in results[rank]["outcome"]
         assert f"process {other}" in results[rank]["outcome"]
         assert results[rank]["elapsed"] < 3
+
+
+def test_gloo_messages_stay_in_host_memory_even_on_a_gpu() -> None:
+    """Gloo moves host memory only; NCCL moves GPU memory. The compute device is not the wire's."""
+    gpu = torch.device("cuda", 0)
+    assert Runtime(0, 2, 0, 2, gpu, "gloo").wire_device == torch.device("cpu")
+    assert Runtime(0, 2, 0, 2, gpu, "nccl").wire_device == gpu

@@ -69,6 +69,9 @@ def test_tad_interval_grows_as_the_graph_gets_sparser(tmp_path: Path) -> None:
     intervals = {t: experiment(tmp_path, "method=tad", "peers=16", f"topology={t}").method.switch_every
                  for t in ("ring", "torus", "complete")}
     assert intervals["ring"] > intervals["torus"] > intervals["complete"] == 1
+    # a time-varying graph plans with its average round: one random matching alone never connects
+    matching = experiment(tmp_path, "method=tad", "peers=16", "topology=random_matching").method.switch_every
+    assert intervals["complete"] < matching < intervals["ring"]
 
 
 def test_decaf_refactors_the_exact_mixed_product_like_a_dense_svd() -> None:
@@ -98,6 +101,27 @@ def test_decaf_never_forms_a_d_by_d_matrix(monkeypatch: pytest.MonkeyPatch) -> N
     B, A = truncated_product_svd(Bs, As, [1 / n] * n, r)
     assert B.shape == (d, r) and A.shape == (r, d)
     assert all(min(shape) <= n * r for shape in shapes), shapes
+
+
+def products(exp: Experiment, peer: int) -> list[torch.Tensor]:
+    flat = exp.states[peer].flat
+    return [b.double() @ a.double() for a, b in zip(exp.layout.a_views(flat), exp.layout.b_views(flat))]
+
+
+def test_decaf_rounds_on_a_graph_give_the_truncated_svd_of_the_mixed_products(tmp_path: Path) -> None:
+    exp = experiment(tmp_path, "method=decaf", "topology=erdos_renyi", "peers=6")
+    W = exp.round_mixing(0)
+    r = exp.config.model.lora.r
+    for round in range(3):
+        exp.train_and_align(round, RoundClock())
+        before = {p: products(exp, p) for p in range(6)}
+        exp.exchange_and_mix(round, RoundClock(), measure=False)
+        for i in range(6):
+            for m, mixed_after in enumerate(products(exp, i)):
+                mixed = sum(W[i, j] * before[j][m] for j in range(6) if W[i, j] > 0)
+                u, s, vh = torch.linalg.svd(mixed)
+                best = u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
+                torch.testing.assert_close(mixed_after, best, atol=1e-5, rtol=0)
 
 
 def test_decaf_trains_end_to_end_on_a_ring(tmp_path: Path) -> None:
@@ -189,10 +213,19 @@ def test_pairwise_fedrot_undoes_neighbour_rotations_before_averaging(tmp_path: P
             a.copy_(q.T @ a)
             b.copy_(b @ q)
         inputs.append((weight, rotated))
-    mixed = exp.method.combine(state, 1, inputs)
+    mixed = exp.method.combine(state, 1, exp.method.receive(state, 1, inputs))
     torch.testing.assert_close(mixed, state.flat, atol=1e-4, rtol=1e-4)
     plain = sum(w * x for w, x in inputs)
     assert (plain - state.flat).abs().max() > 0.1  # without alignment the average is damaged
+
+
+def test_pairwise_fedrot_in_server_mode_leaves_every_client_with_the_global_factors(tmp_path: Path) -> None:
+    exp = experiment(tmp_path, "method=fedrot", "method_args={reference: pairwise}", "topology=server", "peers=5")
+    exp.run()
+    for client in range(1, 5):
+        assert torch.equal(exp.states[client].flat, exp.states[0].flat)
+    errors = [m["aggregation_error"] for m in metrics(tmp_path)]
+    assert all(e > 0 for e in errors[1:])  # measured on the rotated factors that the hub averages
 
 
 def test_fedex_effective_weights_are_the_exact_average_of_products(tmp_path: Path) -> None:
@@ -212,6 +245,15 @@ def test_fedex_effective_weights_are_the_exact_average_of_products(tmp_path: Pat
         for c in clients:
             effective = base_after + s * layout.b_views(exp.states[c].flat)[m].double() @ layout.a_views(exp.states[c].flat)[m].double()
             torch.testing.assert_close(effective, base_before[m].double() + exact[m], atol=1e-5, rtol=0)
+    for round in range(1, 3):  # later rounds fold again on top of what earlier rounds folded
+        base_before = [modules[m].get_base_layer().weight.detach().double().clone() for m in layout.modules]
+        exp.train_and_align(round, RoundClock())
+        trained = {c: products(exp, c) for c in clients}
+        exp.exchange_and_mix(round, RoundClock(), measure=False)
+        for m, (name, s) in enumerate(zip(layout.modules, layout.scalings)):
+            exact = base_before[m] + s * sum(float(w) * trained[c][m] for w, c in zip(weights, clients))
+            effective = modules[name].get_base_layer().weight.detach().double() + s * products(exp, 1)[m]
+            torch.testing.assert_close(effective, exact, atol=1e-5, rtol=0)
     residual_bytes = 4 * sum(b.shape[0] * a.shape[1] for a, b in zip(layout.a, layout.b))
     factor_bytes = 4 * layout.numel
     assert exp.round_bytes(0) == 4 * factor_bytes + 4 * (factor_bytes + residual_bytes)  # 4 clients up, hub down

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from p2p_fedrot.config import load_config
+from p2p_fedrot.config import ModelConfig, load_config
 from p2p_fedrot.errors import ConfigError
+from p2p_fedrot.model import task_of
 from p2p_fedrot.runner import Experiment
 from p2p_fedrot.transport import init_runtime
 
@@ -60,6 +62,8 @@ def test_saved_peer_adapter_reloads_with_the_same_logits(tmp_path: Path) -> None
         ("model.lora.r=1000", "model.lora.r=1000"),
         ("peers=500", "min_samples"),
         ("data.text_column=body", "body"),
+        ("data.name=synthetic", "only model.name=toy:mlp reads"),
+        ("model.task=causal_lm", "model.task=causal_lm needs a decoder language model"),
     ],
 )
 def test_bad_input_names_the_key_and_the_fix(tmp_path: Path, override: str, needle: str) -> None:
@@ -80,3 +84,24 @@ def test_peers_not_divisible_by_processes_is_a_clear_error() -> None:
 
     with pytest.raises(ConfigError, match="multiple of the process count"):
         Placement(peers=6, world=4, rank=0)
+
+
+@pytest.mark.parametrize(
+    ("hf_config", "decoder"),
+    [
+        ({"model_type": "llama"}, True),
+        ({"model_type": "gpt2"}, True),
+        ({"model_type": "bert", "is_decoder": True}, True),
+        ({"model_type": "bert"}, False),
+        ({"model_type": "roberta"}, False),
+        ({"model_type": "t5"}, False),
+    ],
+)
+def test_causal_lm_needs_a_decoder_in_a_local_folder(tmp_path: Path, hf_config: dict, decoder: bool) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    config = ModelConfig(name=str(tmp_path), task="causal_lm")
+    if decoder:
+        assert task_of(config) == "causal_lm"
+    else:
+        with pytest.raises(ConfigError, match=r"model\.task=causal_lm .*packaged:smollm2"):
+            task_of(config)

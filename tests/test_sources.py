@@ -103,6 +103,24 @@ def test_missing_file_is_config_error(tmp_path) -> None:
         load_text_corpus(str(tmp_path / "absent.jsonl"))
 
 
+@pytest.mark.parametrize(
+    ("suffix", "content", "reason"),
+    [
+        ("csv", "text,label\na,1\nb,2,3,4\n", "Expected 2 fields in line 3"),
+        ("jsonl", '{"text": "a", "label": 1}\n{not json\n', "JSON parse error"),
+        ("parquet", "not parquet", "Parquet magic bytes not found"),
+    ],
+)
+def test_malformed_file_names_the_key_the_file_and_the_reason(tmp_path, suffix: str, content: str, reason: str) -> None:
+    path = tmp_path / f"broken.{suffix}"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as info:
+        load_text_corpus(str(path))
+    message = str(info.value)
+    assert f"data.name={str(path)!r}" in message and reason in message, message
+    assert "\n" not in message
+
+
 def test_unknown_packaged_name_lists_choices() -> None:
     with pytest.raises(ConfigError, match="packaged:nope") as info:
         load_text_corpus("packaged:nope")

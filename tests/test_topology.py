@@ -1,9 +1,12 @@
+import json
 from pathlib import Path
 
 import networkx as nx
+import numpy as np
 import pytest
 import yaml
 
+from p2p_fedrot.cli import main
 from p2p_fedrot.mixing import mixing_matrix
 from p2p_fedrot.topology import (
     CATALOGUE,
@@ -175,3 +178,29 @@ def test_draw_topology_writes_a_png(tmp_path: Path) -> None:
     path = tmp_path / "plots" / "ring.png"
     draw_topology(nx.cycle_graph(6), path, title="ring")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [p.name for p in path.parent.iterdir()] == ["ring.png"]
+
+
+STAT_KEYS = ["nodes", "edges", "connected", "degree_min", "degree_max", "diameter", "rho", "spectral_gap",
+             "doubly_stochastic"]
+
+
+def topology_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    code = main(["topology", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_topology_command_prints_the_graph_statistics(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    code, out, _ = topology_cli(capsys, "ring", "--peers", "8", "--json", "--png", str(tmp_path / "ring.png"))
+    stats = json.loads(out)
+    assert code == 0 and list(stats) == STAT_KEYS
+    assert (stats["nodes"], stats["edges"], stats["diameter"], stats["doubly_stochastic"]) == (8, 8, 4, True)
+    assert stats["spectral_gap"] == pytest.approx((1 - np.cos(2 * np.pi / 8)) * 2 / 3)  # MH ring: 1/3 + 2/3 cos
+    assert (tmp_path / "ring.png").is_file()
+
+
+def test_topology_command_reports_the_server_round_and_refuses_disconnected_graphs(capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = topology_cli(capsys, "server", "--peers", "9", "--json")
+    assert code == 0 and json.loads(out)["spectral_gap"] == pytest.approx(1.0)  # exact averaging each round
+    code, _, err = topology_cli(capsys, "{name: edges, edges: [[0, 1], [2, 3], [4, 5]]}", "--peers", "6")
+    assert code == 2 and "allow_disconnected" in err

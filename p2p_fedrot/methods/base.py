@@ -4,7 +4,9 @@
 2. ``before_send(peer, round)``  e.g. rotate the factors toward a reference (fedrot)
 3. ``sent_parts(round)``  which parts of the flat buffer travel to the neighbours
 4. ``pack(peer, round, step, payload)``  what actually travels (default: those parts as they are)
-5. ``combine(peer, round, inputs)``  the new value of those parts from (weight, packed payload) pairs
+5. ``receive(peer, round, inputs)``  what is made of the arrived (weight, payload) pairs before
+   mixing, e.g. rotated toward the receiver (pairwise fedrot); the aggregation error is measured on it
+6. ``combine(peer, round, inputs)``  the new value of those parts from those pairs
 
 A new method is one small subclass registered with :func:`register`.
 """
@@ -38,9 +40,7 @@ class MethodContext:
     """Run facts a method may need to configure itself."""
 
     layout: FactorLayout
-    peers: int
-    rounds: int
-    spectral_gap: float  # of one round's mixing (1 - rho), from round 0 for time-varying graphs
+    spectral_gap: float  # of one round's mixing (1 - rho); of the average round for time-varying graphs
     server: bool  # the topology is the star server mode
     model: nn.Module | None = None  # the process's shared peft model, for methods that touch base weights
 
@@ -92,9 +92,18 @@ class Method:
         """Size of :meth:`pack`'s result for ``sender``; every process must compute the same."""
         return self.context.layout.payload_numel(self.sent_parts(round))
 
+    def receive(self, peer: PeerState, round: int, inputs: Sequence[tuple[float, torch.Tensor]]) -> Sequence[tuple[float, torch.Tensor]]:
+        """The (W_ij, x_j) pairs as they enter :meth:`combine`; by default as they arrived."""
+        return inputs
+
     def combine(self, peer: PeerState, round: int, inputs: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
         """New value of the sent parts from the (W_ij, x_j) pairs, ordered by j: sum_j W_ij x_j."""
         return weighted_sum(inputs)
+
+
+def adopts(inputs: Sequence[tuple[float, torch.Tensor]]) -> bool:
+    """True when a peer simply takes one sender's payload (a client in the server's down step)."""
+    return len(inputs) == 1 and inputs[0][0] == 1.0
 
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from ..factors import FactorLayout
-from .base import Method, PeerState, register
+from .base import Method, PeerState, adopts, register
 
 
 def truncated_product_svd(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], weights: Sequence[float], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +56,7 @@ class DeCAF(Method):
     resets_optimizer = True
 
     def combine(self, peer: PeerState, round: int, inputs: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
-        if len(inputs) == 1 and inputs[0][0] == 1.0:
+        if adopts(inputs):
             return inputs[0][1].clone()  # adopting one peer's factors (server down step): keep them as they are
         return mix_products(self.context.layout, inputs)
 
