@@ -1,0 +1,183 @@
+"""Speed and memory of the engine's design choices, each measured side by side with the naive way.
+
+    python scripts/benchmark.py                 # all three; about a minute on 2 CPU cores
+    python scripts/benchmark.py --only exchange --repeats 50
+
+- align:    one batched soft-Procrustes call over all modules vs one call per module;
+- exchange: one message per process pair (this project's transport) vs one message per peer-to-peer
+            route, on 2 real Gloo processes over loopback;
+- memory:   N peers sharing one frozen base model in a process vs one model copy per peer
+            (resident memory of a fresh process each).
+
+Prints medians over ``--repeats`` and their ratios. Figures depend on the machine: compare ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from p2p_fedrot.align import align_modules, align_pair
+from p2p_fedrot.config import ModelConfig
+from p2p_fedrot.gossip import collect_mix_inputs, routes_of
+from p2p_fedrot.mixing import mixing_matrix
+from p2p_fedrot.model import build_peer_models
+from p2p_fedrot.topology import build_topology
+from p2p_fedrot.transport import Placement, Transport, init_runtime
+
+# (label, modules, r, d_in, d_out): LoRA on query/value of the packaged MiniLM, and on q/v of a
+# 30-layer decoder of SmolLM2-135M's widths (v is narrower there, but the SVDs are r x r either way).
+ALIGN_CASES = [("MiniLM q,v r=8", 12, 8, 384, 384), ("SmolLM2-135M q,v r=16", 60, 16, 576, 576)]
+EXCHANGE_PEERS, EXCHANGE_NUMEL = 16, 75_653  # one MiniLM fedit payload (r=8 on q,v + 5-class head)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_align(repeats: int) -> None:
+    print("align: one batched soft_rotation for all modules vs align_pair module by module (lam=0.4, side A)")
+    for label, modules, r, d_in, d_out in ALIGN_CASES:
+        g = torch.Generator().manual_seed(0)
+        As = [torch.randn(r, d_in, generator=g) for _ in range(modules)]
+        Bs = [torch.randn(d_out, r, generator=g) for _ in range(modules)]
+        refs = [torch.randn(r, d_in, generator=g) for _ in range(modules)]
+        batched = median_seconds(lambda: align_modules(As, Bs, refs, "A", 0.4), repeats)
+        looped = median_seconds(lambda: [align_pair(a, b, ref, None, "A", 0.4) for a, b, ref in zip(As, Bs, refs)],
+                                repeats)
+        print(f"  {label:<24} batched {batched * 1e3:8.2f} ms | per module {looped * 1e3:8.2f} ms"
+              f" | per-module / batched {looped / batched:5.2f}x")
+
+
+def _naive_exchange(placement: Placement, routes: list[tuple[int, int]], payloads: dict[int, torch.Tensor]) -> int:
+    """One isend/irecv per cross-process route, as if every peer were its own rank."""
+    local = set(placement.local_peers)
+    ops, sent = [], 0
+    for src, dst in sorted(routes):
+        if src in local and dst not in local:
+            ops.append(dist.P2POp(dist.isend, payloads[src], placement.owner(dst)))
+            sent += payloads[src].numel() * payloads[src].element_size()
+        elif dst in local and src not in local:
+            ops.append(dist.P2POp(dist.irecv, torch.empty(EXCHANGE_NUMEL), placement.owner(src)))
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+    return sent
+
+
+def _exchange_worker(rank: int, world: int, port: int, topology: str, repeats: int, results: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    runtime = init_runtime("gloo", timeout_s=120)
+    placement = Placement(EXCHANGE_PEERS, world, rank)
+    transport = Transport(placement, runtime.device, 120, fingerprint=1)
+    W = mixing_matrix(build_topology(topology, EXCHANGE_PEERS, seed=0).graph_at(0))
+    routes = routes_of(W)
+    payloads = {p: torch.randn(EXCHANGE_NUMEL) for p in placement.local_peers}
+
+    def ours() -> None:
+        dist.barrier()
+        collect_mix_inputs(transport, W, payloads)
+
+    def naive() -> None:
+        dist.barrier()
+        _naive_exchange(placement, routes, payloads)
+
+    before = transport.wire_bytes
+    collect_mix_inputs(transport, W, payloads)
+    ours_bytes = transport.wire_bytes - before
+    naive_bytes = _naive_exchange(placement, routes, payloads)
+    ours_s, naive_s = median_seconds(ours, repeats), median_seconds(naive, repeats)
+    if rank == 0:
+        results[topology] = (ours_s, naive_s, ours_bytes, naive_bytes)
+    dist.destroy_process_group()
+
+
+def bench_exchange(repeats: int) -> None:
+    print(f"exchange: {EXCHANGE_PEERS} peers on 2 Gloo processes, payload {EXCHANGE_NUMEL * 4:,} B per peer;"
+          " one message per process pair vs one per route")
+    for topology in ("ring", "torus", "exponential", "complete"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        with mp.Manager() as manager:
+            results = manager.dict()
+            mp.spawn(_exchange_worker, args=(2, port, topology, repeats, results), nprocs=2)
+            ours_s, naive_s, ours_bytes, naive_bytes = results[topology]
+        print(f"  {topology:<12} one per pair {ours_s * 1e3:7.2f} ms, {ours_bytes / 1e6:5.2f} MB out of process 0"
+              f" | one per route {naive_s * 1e3:7.2f} ms, {naive_bytes / 1e6:5.2f} MB"
+              f" | time ratio {naive_s / ours_s:5.2f}x")
+
+
+def _resident_mb() -> float:
+    """Current resident memory of this process (Linux), after freeing what loading left behind."""
+    gc.collect()
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _memory_child(peers: int, copies: bool) -> None:
+    """Print the resident MB while hosting ``peers`` adapters: one shared base, or a deep copy per peer."""
+    config = ModelConfig(name="packaged:minilm")
+    if copies:
+        models = [build_peer_models(config, [0], 0, 5, 0, torch.device("cpu")).model]
+        models += [copy.deepcopy(models[0]) for _ in range(peers - 1)]
+    else:
+        models = [build_peer_models(config, list(range(peers)), 0, 5, 0, torch.device("cpu")).model]
+    print(f"{_resident_mb():.1f} {len(models)}")
+
+
+def bench_memory(peers: int) -> None:
+    print(f"memory: packaged MiniLM, resident MB of a fresh process hosting 1 or {peers} peers")
+
+    def measure(n: int, copies: bool) -> float:
+        code = f"from benchmark import _memory_child; _memory_child({n}, {copies})"
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)), HF_HUB_OFFLINE="1")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        return float(done.stdout.split()[-2])
+
+    one = measure(1, False)
+    shared, copied = measure(peers, False), measure(peers, True)
+    print(f"  1 peer {one:7.1f} MB | {peers} peers sharing one base {shared:7.1f} MB (+{shared - one:.1f})"
+          f" | {peers} peers with a model each {copied:7.1f} MB (+{copied - one:.1f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["align", "exchange", "memory"], action="append",
+                        help="run only these benchmarks (repeatable)")
+    parser.add_argument("--repeats", type=int, default=30, help="timed repetitions per measurement (median)")
+    parser.add_argument("--peers", type=int, default=8, help="peers hosted in the memory benchmark")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    chosen = args.only or ["align", "exchange", "memory"]
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, medians of {args.repeats} repeats")
+    if "align" in chosen:
+        bench_align(args.repeats)
+    if "exchange" in chosen:
+        bench_exchange(args.repeats)
+    if "memory" in chosen:
+        bench_memory(args.peers)
+
+
+if __name__ == "__main__":
+    main()
