@@ -40,7 +40,9 @@ def save_consensus_adapter(models: PeerModels, flats: list[torch.Tensor], folder
     mean = torch.stack(flats).mean(dim=0).to(models.flats[first].device)
     models.model.add_adapter(CONSENSUS, models.model.peft_config[adapter_name(first)])
     try:
-        bind_to_flat(models.model, CONSENSUS, models.layout, mean.clone())
+        buffer = torch.empty_like(mean)
+        bind_to_flat(models.model, CONSENSUS, models.layout, buffer)  # copies the new adapter's init in
+        buffer.copy_(mean)
         _save_adapter(models, CONSENSUS, folder / CONSENSUS)
     finally:
         models.model.delete_adapter(CONSENSUS)

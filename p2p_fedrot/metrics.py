@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .factors import FactorLayout
@@ -37,19 +38,22 @@ def consensus_distance(layout: FactorLayout, flats: Sequence[torch.Tensor]) -> f
     return max(float(value), 0.0)
 
 
-def aggregation_error(layout: FactorLayout, weights: Sequence[float], flats: Sequence[torch.Tensor]) -> tuple[float, float]:
-    """||sum_j w_j P_j - (sum_j w_j B_j)(sum_j w_j A_j)||_F (absolute, relative to the exact mix).
+def aggregation_error(layout: FactorLayout, W: np.ndarray, sent: Sequence[torch.Tensor],
+                      mixed: Sequence[torch.Tensor], peers: Sequence[int]) -> tuple[float, float]:
+    """Mean over ``peers`` of ||sum_j W_ij P_j - P'_i||_F, absolute and relative to ||sum_j W_ij P_j||_F.
 
-    The averaged factors are appended as an extra "peer" so one Gram matrix gives every term.
+    ``sent[j]`` holds peer j's factors as they left it (after training and alignment) and
+    ``mixed[i]`` peer i's after the round's mixing: the error is how far a peer's new adapter is
+    from the exact W-weighted mix of its neighbourhood's adapters. For factor averaging,
+    P'_i = s (sum_j W_ij B_j)(sum_j W_ij A_j), the loss of averaging factors instead of products.
+    One Gram matrix over all 2N buffers gives every term.
     """
-    w = torch.tensor(list(weights), dtype=torch.float64)
-    averaged = torch.zeros_like(flats[0])
-    for weight, flat in zip(weights, flats):
-        averaged.add_(flat, alpha=weight)
-    gram = product_gram(layout, [*flats, averaged]).cpu()
-    v = torch.cat([w, torch.tensor([-1.0], dtype=torch.float64)])
-    error = float(v @ gram @ v)
-    exact = float(w @ gram[:-1, :-1] @ w)
-    error = max(error, 0.0) ** 0.5
-    exact = max(exact, 0.0) ** 0.5
-    return error, (error / exact if exact > 0 else 0.0)
+    n = len(sent)
+    gram = product_gram(layout, [*sent, *mixed]).cpu()
+    rows = torch.zeros(len(peers), 2 * n, dtype=torch.float64)
+    rows[:, :n] = torch.as_tensor(W[list(peers)], dtype=torch.float64)
+    exact = (rows @ gram @ rows.T).diagonal().clamp(min=0).sqrt()
+    rows[torch.arange(len(peers)), [n + i for i in peers]] -= 1.0
+    error = (rows @ gram @ rows.T).diagonal().clamp(min=0).sqrt()
+    relative = torch.where(exact > 0, error / exact, torch.zeros_like(error))
+    return float(error.mean()), float(relative.mean())

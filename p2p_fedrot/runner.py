@@ -25,7 +25,7 @@ from .adapters import save_consensus_adapter, save_peer_adapters
 from .config import RunConfig, save_config
 from .data import build_data, pool
 from .factors import FactorLayout
-from .gossip import collect_mix_inputs, routes_of
+from .gossip import collect_mix_inputs, keeps_own_value, routes_of
 from .io import JsonlWriter, atomic_write_json, atomic_write_text
 from .metrics import aggregation_error, consensus_distance
 from .mixing import compose, mixing_matrix, server_mixing_steps, spectral_gap
@@ -147,11 +147,12 @@ class Experiment:
                 clock = RoundClock()
                 sent = self.train_and_align(round, clock)
                 evaluate_now = (round + 1) % self.config.eval.every == 0 or round == self.config.rounds - 1
-                agg = self.exchange_and_mix(round, clock, measure=evaluate_now)
+                before_mixing = self.gather_flats() if evaluate_now and self.method.sent_parts(round) else None
+                self.exchange_and_mix(round, clock)
                 self.bytes_total += sent
                 record = None
                 if evaluate_now:
-                    record = self.evaluate_round(round, clock, agg, sent, time.perf_counter() - start)
+                    record = self.evaluate_round(round, clock, before_mixing, sent, time.perf_counter() - start)
                 if rank0:
                     if record:
                         writer.write(record)
@@ -201,12 +202,11 @@ class Experiment:
         sender = self.clients[0]
         return self.method.payload_numel(round, 0, sender) * element if self.method.sent_parts(round) else 0
 
-    def exchange_and_mix(self, round: int, clock: RoundClock, measure: bool) -> list[tuple[float, float]]:
-        """Apply each mixing step of the round; returns (abs, rel) aggregation errors if ``measure``."""
+    def exchange_and_mix(self, round: int, clock: RoundClock) -> None:
+        """Apply each mixing step of the round to every hosted peer."""
         parts = self.method.sent_parts(round)
-        errors: list[tuple[float, float]] = []
         if not parts:
-            return errors
+            return
         local = list(self.placement.local_peers)
         for k, W in enumerate(self.static_steps or self.mixing_steps(round)):
             since = time.perf_counter()
@@ -214,17 +214,10 @@ class Experiment:
                         for p in local}
             mixes = collect_mix_inputs(self.transport, W, payloads, step=f"round {round} step {k}",
                                        numel_of=lambda src: self.method.payload_numel(round, k, src))
-            mixes = {i: self.method.receive(self.states[i], round, inputs) for i, inputs in mixes.items()}
             updates = {i: self.method.combine(self.states[i], round, inputs) for i, inputs in mixes.items()}
-            if measure:
-                for i, inputs in mixes.items():
-                    if len(inputs) > 1:
-                        flats = [self.layout.expand(x, parts, self.states[i].flat) for _, x in inputs]
-                        errors.append(aggregation_error(self.layout, [w for w, _ in inputs], flats))
             for i, value in updates.items():
                 self.layout.insert(self.states[i].flat, parts, value)
             clock.add("exchange", since)
-        return errors
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_due(self, round: int) -> bool:
@@ -258,7 +251,13 @@ class Experiment:
         return found.round + 1, found.meta["elapsed_s"]
 
     # ------------------------------------------------------------------ metrics
-    def evaluate_round(self, round: int, clock: RoundClock, agg: list, sent: int, elapsed: float) -> dict:
+    def evaluate_round(self, round: int, clock: RoundClock, before_mixing: dict[int, torch.Tensor] | None,
+                       sent: int, elapsed: float) -> dict:
+        """Accuracy and loss of every peer, and on process 0 the round's record.
+
+        ``before_mixing`` holds every peer's factors as sent this round (process 0 only; None when
+        nothing was mixed), for the aggregation error.
+        """
         since = time.perf_counter()
         batch, precision = self.config.eval.batch_size, self.config.model.precision
         local_results = {}
@@ -266,17 +265,17 @@ class Experiment:
             shared = evaluate(self.models, peer, self.data.test, batch, precision)
             own = evaluate(self.models, peer, self.data.clients[peer].local_test, batch, precision)
             local_results[peer] = (shared.accuracy, shared.loss, own.accuracy, own.loss)
-        results = self.gather_objects((local_results, agg))
+        results = self.gather_objects(local_results)
         flats = self.gather_flats()
+        if self.runtime.rank == 0:
+            errors = self.aggregation_errors(round, before_mixing, flats)
         clock.add("eval", since)
         seconds = self.max_over_processes(clock.seconds)
         if self.runtime.rank != 0:
             return {}
         per_peer: dict[int, tuple] = {}
-        errors: list[tuple[float, float]] = []
-        for peer_results, peer_errors in results:
+        for peer_results in results:
             per_peer.update(peer_results)
-            errors.extend(peer_errors)
         order = sorted(per_peer)
         accuracy = [per_peer[p][0] for p in order]
         self.last_flats = flats
@@ -293,8 +292,8 @@ class Experiment:
             "min_accuracy": float(np.min(accuracy)),
             "mean_loss": mean_loss,
             "consensus_distance": consensus_distance(self.layout, [flats[p] for p in self.clients]),
-            "aggregation_error": float(np.mean([e[0] for e in errors])) if errors else 0.0,
-            "aggregation_error_rel": float(np.mean([e[1] for e in errors])) if errors else 0.0,
+            "aggregation_error": errors[0],
+            "aggregation_error_rel": errors[1],
             "bytes_sent": sent,
             "bytes_sent_total": self.bytes_total,
             "seconds": {k: round_float(v) for k, v in seconds.items()},
@@ -302,6 +301,17 @@ class Experiment:
         if self.models.task == CAUSAL_LM:
             record["perplexity"] = math.exp(min(mean_loss, 50.0))
         return record
+
+    def aggregation_errors(self, round: int, before: dict[int, torch.Tensor] | None,
+                           after: dict[int, torch.Tensor]) -> tuple[float, float]:
+        """Mean (absolute, relative) gap between each mixing peer's new adapter and the exact
+        W-weighted mix of the adapters its neighbours sent; 0 when nothing was mixed."""
+        W = self.round_mixing(round)
+        mixing = [i for i in range(self.config.peers) if not keeps_own_value(W, i)]
+        if before is None or not mixing:
+            return 0.0, 0.0
+        peers = range(self.config.peers)
+        return aggregation_error(self.layout, W, [before[p] for p in peers], [after[p] for p in peers], mixing)
 
     def all_arrive(self, what: str) -> None:
         """Wait for every process; on Gloo the error names the processes that did not arrive."""
@@ -405,6 +415,7 @@ class Experiment:
             "method": self.config.method,
             "topology": self.topology.name,
             "backend": self.runtime.backend or "single-process",
+            "threads": torch.get_num_threads(),
             "payload_bytes": self.payload_bytes(0),
             "bytes_sent_total": self.bytes_total,
             "wire_bytes_total": int(wire.item()),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from p2p_fedrot.config import ModelConfig
@@ -32,17 +33,54 @@ def test_consensus_distance_matches_dense() -> None:
     assert consensus_distance(layout, [flats[0]] * 3) < 1e-9
 
 
-def test_aggregation_error_matches_dense() -> None:
-    layout, flats = random_peers(4)
-    weights = [0.1, 0.2, 0.3, 0.4]
-    err2, exact2 = 0.0, 0.0
-    for m, s in enumerate(layout.scalings):
-        mixed = sum(w * dense_products(layout, f)[m] for w, f in zip(weights, flats))
-        a_bar = sum(w * layout.a_views(f)[m].double() for w, f in zip(weights, flats))
-        b_bar = sum(w * layout.b_views(f)[m].double() for w, f in zip(weights, flats))
-        err2 += float(((mixed - s * b_bar @ a_bar) ** 2).sum())
-        exact2 += float((mixed**2).sum())
-    absolute, relative = aggregation_error(layout, weights, flats)
-    assert abs(absolute - err2**0.5) <= 1e-5 * err2**0.5
-    assert abs(relative - (err2 / exact2) ** 0.5) <= 1e-5
-    assert aggregation_error(layout, [0.5, 0.5], [flats[0], flats[0]])[0] < 1e-4
+W = np.array([[0.5, 0.25, 0.0, 0.25], [0.25, 0.5, 0.25, 0.0], [0.0, 0.25, 0.5, 0.25], [0.25, 0.0, 0.25, 0.5]])
+
+
+def dense_errors(layout, sent, mixed, peers) -> tuple[float, float]:
+    """Mean over peers of ||sum_j W_ij P_j - P'_i||_F and its ratio to ||sum_j W_ij P_j||_F, densely."""
+    absolute, relative = [], []
+    for i in peers:
+        err2 = exact2 = 0.0
+        for m in range(len(layout.modules)):
+            exact = sum(W[i, j] * dense_products(layout, sent[j])[m] for j in range(len(sent)))
+            err2 += float(((exact - dense_products(layout, mixed[i])[m]) ** 2).sum())
+            exact2 += float((exact**2).sum())
+        absolute.append(err2**0.5)
+        relative.append((err2 / exact2) ** 0.5)
+    return float(np.mean(absolute)), float(np.mean(relative))
+
+
+def test_aggregation_error_of_factor_averaging_is_the_dense_definition() -> None:
+    """Averaged factors: ||sum_j W_ij s B_j A_j - s (sum_j W_ij B_j)(sum_j W_ij A_j)||_F, mean over peers."""
+    layout, sent = random_peers(4)
+    averaged = [sum(W[i, j] * sent[j] for j in range(4)) for i in range(4)]
+    absolute, relative = aggregation_error(layout, W, sent, averaged, [0, 1, 2, 3])
+    expected = dense_errors(layout, sent, averaged, [0, 1, 2, 3])
+    assert absolute > 1.0
+    assert abs(absolute - expected[0]) <= 1e-6 * expected[0]
+    assert abs(relative - expected[1]) <= 1e-6
+
+
+def test_aggregation_error_of_a_peer_that_keeps_its_own_A() -> None:
+    """Mixing only B leaves (sum_j W_ij B_j) A_i: the error counts the neighbours' A_j that were not mixed in."""
+    layout, sent = random_peers(4)
+    mixed = [flat.clone() for flat in sent]
+    for i in range(4):
+        for m, b in enumerate(layout.b_views(mixed[i])):
+            b.copy_(sum(W[i, j] * layout.b_views(sent[j])[m] for j in range(4)))
+    absolute, relative = aggregation_error(layout, W, sent, mixed, [1, 3])
+    expected = dense_errors(layout, sent, mixed, [1, 3])
+    assert absolute > 1.0
+    assert abs(absolute - expected[0]) <= 1e-6 * expected[0]
+    assert abs(relative - expected[1]) <= 1e-6
+
+
+def test_aggregation_error_is_zero_when_the_products_are_averaged_exactly() -> None:
+    layout, sent = random_peers(4)
+    shared_a = [flat.clone() for flat in sent]
+    for flat in shared_a:  # one A for every peer (as in ffa): averaging B averages the products
+        for m, a in enumerate(layout.a_views(flat)):
+            a.copy_(layout.a_views(sent[0])[m])
+    averaged = [sum(W[i, j] * shared_a[j] for j in range(4)) for i in range(4)]
+    absolute, relative = aggregation_error(layout, W, shared_a, averaged, [0, 1, 2, 3])
+    assert absolute < 1e-5 and relative < 1e-6

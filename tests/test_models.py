@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from p2p_fedrot.config import ModelConfig, load_config
 from p2p_fedrot.errors import ConfigError
@@ -48,8 +49,12 @@ def test_saved_peer_adapter_reloads_with_the_same_logits(tmp_path: Path) -> None
     reloaded = PeftModel.from_pretrained(base, tmp_path / "adapters" / "peer_002").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
-    assert (tmp_path / "adapters" / "consensus" / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["consensus"] + [f"peer_{i:03d}" for i in range(4)]
+    peers = [load_file(tmp_path / "adapters" / f"peer_{i:03d}" / "adapter_model.safetensors") for i in range(4)]
+    consensus = load_file(tmp_path / "adapters" / "consensus" / "adapter_model.safetensors")
+    assert consensus.keys() == peers[0].keys() and any("lora_B" in key for key in consensus)
+    for key, value in consensus.items():  # the plain average of the peers' factors and heads
+        torch.testing.assert_close(value, torch.stack([p[key] for p in peers]).mean(dim=0), atol=1e-7, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from p2p_fedrot.align import align_modules
 from p2p_fedrot.config import load_config
@@ -46,26 +47,44 @@ COMPARED = ["accuracy", "loss", "local_accuracy", "local_loss", "consensus_dista
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("topology,method", [("ring", "fedrot"), ("server", "fedex")])
-def test_toy_run_is_identical_with_one_and_two_processes(tmp_path: Path, topology: str, method: str) -> None:
-    common = ["run", TOY, "--set", "peers=8", "--set", f"topology={topology}", "--set", f"method={method}",
+@pytest.mark.parametrize(
+    "topology,method,peers,nproc",
+    [("ring", "fedrot", 8, 2),
+     ("server", "fedex", 3, 3)],  # process 0 hosts the hub alone: it must fold the residual too
+)
+def test_toy_run_is_identical_with_one_and_several_processes(tmp_path: Path, topology: str, method: str,
+                                                             peers: int, nproc: int) -> None:
+    common = ["run", TOY, "--set", f"peers={peers}", "--set", f"topology={topology}", "--set", f"method={method}",
               "--set", "rounds=4", "--set", "threads=1"]
     one = cli([*common, "--set", f"out={tmp_path / 'p1'}"])
     assert one.returncode == 0, one.stderr
-    two = cli([*common, "--set", f"out={tmp_path / 'p2'}"], nproc=2)
-    assert two.returncode == 0, two.stderr
-    m1, m2 = read_metrics(tmp_path / "p1"), read_metrics(tmp_path / "p2")
-    assert len(m1) == len(m2) == 4
-    for r1, r2 in zip(m1, m2):
+    several = cli([*common, "--set", f"out={tmp_path / 'pn'}"], nproc=nproc)
+    assert several.returncode == 0, several.stderr
+    m1, mn = read_metrics(tmp_path / "p1"), read_metrics(tmp_path / "pn")
+    assert len(m1) == len(mn) == 4
+    for r1, rn in zip(m1, mn):
         for key in COMPARED:
-            np.testing.assert_allclose(r1[key], r2[key], rtol=0, atol=1e-6, err_msg=key)
+            np.testing.assert_allclose(r1[key], rn[key], rtol=0, atol=1e-6, err_msg=key)
     assert m1[-1]["mean_accuracy"] > m1[0]["mean_accuracy"]
     for name in ("metrics.jsonl", "config.yaml", "topology.json", "summary.json"):
-        assert (tmp_path / "p2" / name).is_file(), name
-    summary = json.loads((tmp_path / "p2" / "summary.json").read_text())
-    assert summary["processes"] == 2 and summary["wire_bytes_total"] > 0
-    resolved = yaml.safe_load((tmp_path / "p2" / "config.yaml").read_text())
-    assert resolved["peers"] == 8 and resolved["rounds"] == 4
+        assert (tmp_path / "pn" / name).is_file(), name
+    summary = json.loads((tmp_path / "pn" / "summary.json").read_text())
+    assert summary["processes"] == nproc and summary["wire_bytes_total"] > 0
+    resolved = yaml.safe_load((tmp_path / "pn" / "config.yaml").read_text())
+    assert resolved["peers"] == peers and resolved["rounds"] == 4
+    for adapter in ["consensus", *(f"peer_{p:03d}" for p in range(1, peers))]:
+        relative = Path("adapters") / adapter / "adapter_model.safetensors"
+        assert_same_tensors(tmp_path / "p1" / relative, tmp_path / "pn" / relative)
+    if method == "fedex":  # the base weights with every round's residual folded in
+        relative = Path("adapters") / "method_state.safetensors"
+        assert_same_tensors(tmp_path / "p1" / relative, tmp_path / "pn" / relative)
+
+
+def assert_same_tensors(path: Path, other: Path) -> None:
+    first, second = load_file(path), load_file(other)
+    assert first.keys() == second.keys(), path
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], atol=1e-6, rtol=0, msg=f"{path}: {key}")
 
 
 @pytest.mark.parametrize("topology", ["ring", "torus", "star", "erdos_renyi"])

@@ -4,9 +4,7 @@
 2. ``before_send(peer, round)``  e.g. rotate the factors toward a reference (fedrot)
 3. ``sent_parts(round)``  which parts of the flat buffer travel to the neighbours
 4. ``pack(peer, round, step, payload)``  what actually travels (default: those parts as they are)
-5. ``receive(peer, round, inputs)``  what is made of the arrived (weight, payload) pairs before
-   mixing, e.g. rotated toward the receiver (pairwise fedrot); the aggregation error is measured on it
-6. ``combine(peer, round, inputs)``  the new value of those parts from those pairs
+5. ``combine(peer, round, inputs)``  the new value of those parts from the (weight, payload) pairs
 
 A new method is one small subclass registered with :func:`register`.
 """
@@ -91,10 +89,6 @@ class Method:
     def payload_numel(self, round: int, step: int, sender: int) -> int:
         """Size of :meth:`pack`'s result for ``sender``; every process must compute the same."""
         return self.context.layout.payload_numel(self.sent_parts(round))
-
-    def receive(self, peer: PeerState, round: int, inputs: Sequence[tuple[float, torch.Tensor]]) -> Sequence[tuple[float, torch.Tensor]]:
-        """The (W_ij, x_j) pairs as they enter :meth:`combine`; by default as they arrived."""
-        return inputs
 
     def combine(self, peer: PeerState, round: int, inputs: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
         """New value of the sent parts from the (W_ij, x_j) pairs, ordered by j: sum_j W_ij x_j."""

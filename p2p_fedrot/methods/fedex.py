@@ -46,11 +46,10 @@ class FedEx(Method):
         if peer.peer == HUB:  # up step: average, and keep what the average of factors loses
             averaged = weighted_sum(inputs)
             self.residual = self._residual(inputs, averaged)
+            self._fold_once(round, self.residual)  # this process's base weights too, clients or not
             return averaged
         ((_, packed),) = inputs  # down step: the hub's factors plus its residual
-        if self.folded_round != round:  # the base weights are shared by every peer of this process
-            self._fold(packed[layout.numel :])
-            self.folded_round = round
+        self._fold_once(round, packed[layout.numel :])
         return packed[: layout.numel].clone()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -74,7 +73,11 @@ class FedEx(Method):
             pieces.append((exact - layout.b_views(averaged)[m] @ layout.a_views(averaged)[m]).flatten())
         return torch.cat(pieces)
 
-    def _fold(self, residual: torch.Tensor) -> None:
+    def _fold_once(self, round: int, residual: torch.Tensor) -> None:
+        """Add scaling * residual to the frozen weights once a round: every peer of a process shares them."""
+        if self.folded_round == round:
+            return
+        self.folded_round = round
         layout = self.context.layout
         weights = self._base_weights()
         offset = 0

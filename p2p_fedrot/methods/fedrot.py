@@ -60,12 +60,12 @@ class FedRot(Method):
             return
         self.rotate(peer.flat, peer.reference, round)
 
-    def receive(self, peer: PeerState, round: int, inputs: Sequence[tuple[float, torch.Tensor]]) -> Sequence[tuple[float, torch.Tensor]]:
-        """Pairwise reference: each neighbour's factors rotated toward the receiver's (a client
+    def combine(self, peer: PeerState, round: int, inputs: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
+        """Pairwise reference: average each neighbour's factors rotated toward the receiver's (a client
         adopting the server's result takes it as it is, so that all clients hold the same factors)."""
-        if not self.pairwise or not self.aligns(round) or adopts(inputs):
-            return inputs
-        return [(w, self.rotate(x.clone(), peer.flat, round)) for w, x in inputs]
+        if self.pairwise and self.aligns(round) and not adopts(inputs):
+            inputs = [(w, self.rotate(x.clone(), peer.flat, round)) for w, x in inputs]
+        return super().combine(peer, round, inputs)
 
     def rotate(self, flat: torch.Tensor, reference: torch.Tensor, round: int) -> torch.Tensor:
         """Rotate the factors held in ``flat`` (in place) toward those of ``reference``; returns ``flat``."""
