@@ -10,7 +10,6 @@ processes.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from .errors import ConfigError
-from .io import atomic_write_bytes, atomic_write_json
+from .io import atomic_write_bytes, atomic_write_json, read_json
 
 LATEST = "latest.json"
 SHARED = "shared.safetensors"
@@ -112,11 +111,19 @@ class Checkpoint:
         if not path.is_file():
             raise ConfigError(f"checkpoint {self.folder} has no file for peer {peer}; it is incomplete, "
                               "start the run again without resume")
-        return load_file(path)
+        return _load(path)
 
     def shared(self) -> dict[str, torch.Tensor]:
         path = self.folder / SHARED
-        return load_file(path) if path.is_file() else {}
+        return _load(path) if path.is_file() else {}
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except Exception as exc:  # safetensors raises its own error type for a damaged header or body
+        raise ConfigError(f"checkpoint file {path} cannot be read ({exc}); it is damaged: start the run "
+                          "again without resume") from None
 
 
 def find(out: Path, config: dict[str, Any]) -> Checkpoint:
@@ -125,7 +132,9 @@ def find(out: Path, config: dict[str, Any]) -> Checkpoint:
     if not latest.is_file():
         raise ConfigError(f"resume: no checkpoint in {folder_of(out)}; run once without resume "
                           "(checkpoints are written every checkpoint_every rounds and at the end)")
-    meta = json.loads(latest.read_text(encoding="utf-8"))
+    meta = read_json(latest)
+    if not {"round", "folder", "config"} <= meta.keys():
+        raise ConfigError(f"{latest} lacks round, folder or config; it is damaged: start the run again without resume")
     before, now = comparable(meta["config"]), comparable(config)
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if changed:

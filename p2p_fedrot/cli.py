@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"p2p-fedrot: peer failure: {exc}", file=sys.stderr, flush=True)
         # Pending receives from a dead neighbour can block interpreter shutdown: leave now.
         os._exit(1)
-    except (P2PFedRotError, ValueError) as exc:
+    except (P2PFedRotError, OSError) as exc:  # OSError names its path: an unwritable out, a missing file
         print(f"p2p-fedrot: error: {exc}", file=sys.stderr, flush=True)
         return 2
 
@@ -86,7 +86,14 @@ def command_topology(args: argparse.Namespace) -> int:
 
     if args.peers < 2:
         raise ConfigError("--peers must be at least 2")
-    spec = yaml.safe_load(args.spec) if args.spec.lstrip().startswith("{") else args.spec
+    spec = args.spec
+    if spec.lstrip().startswith("{"):
+        try:
+            spec = yaml.safe_load(spec)
+        except yaml.YAMLError as exc:
+            reason = " ".join(str(exc).split())
+            raise ConfigError(f"topology spec {args.spec!r} is not a valid YAML mapping ({reason}); write it like "
+                              "'{name: erdos_renyi, p: 0.2}'") from None
     topology = build_topology(spec, args.peers, args.seed, args.allow_disconnected)
     graph = topology.graph_at(args.round)
     if topology.server:  # a round is the hub's average then the clients' adoption (equal weights here)

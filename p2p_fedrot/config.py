@@ -7,6 +7,7 @@ is reported with the list of valid keys instead of being silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -180,6 +181,8 @@ def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
     expected = origin or hint
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str):
+        return _float_from_text(value, where, key)
     if expected is bool and not isinstance(value, bool):
         raise ConfigError(f"{where}: '{key}' = {value!r} must be true or false")
     if expected is int and isinstance(value, bool):
@@ -193,6 +196,26 @@ def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
     return value
 
 
+def _float_from_text(value: str, where: str, key: str) -> float:
+    """YAML 1.1 reads 1e-3 (no dot, or no sign in the exponent) as text; accept it as the number it means."""
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"{where}: '{key}' = {value!r} must be a number") from None
+
+
+def _finite_floats(config: Any, prefix: str = "") -> list[tuple[bool, str]]:
+    """Every float setting must be finite: inf or nan would only surface as a failure deep in a run."""
+    checks = []
+    for setting in dataclasses.fields(config):
+        value = getattr(config, setting.name)
+        if dataclasses.is_dataclass(value):
+            checks += _finite_floats(value, f"{prefix}{setting.name}.")
+        elif isinstance(value, float):
+            checks.append((math.isfinite(value), f"{prefix}{setting.name} = {value} must be a finite number"))
+    return checks
+
+
 def _describe(hint: Any) -> str:
     return str(hint).replace("typing.", "")
 
@@ -200,6 +223,8 @@ def _describe(hint: Any) -> str:
 def validate(config: RunConfig) -> None:
     """Range checks that the types alone do not express; each error names the key and the fix."""
     checks = [
+        *_finite_floats(config),
+        (0 <= config.seed < 2**32, f"seed = {config.seed} must be in [0, 2**32)"),
         (config.peers >= 2, "peers must be at least 2"),
         (config.rounds >= 1, "rounds must be at least 1"),
         (config.model.lora.r >= 1, "model.lora.r (the LoRA rank) must be at least 1"),

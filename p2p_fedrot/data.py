@@ -133,13 +133,15 @@ def synthetic_classification(config: DataConfig, seed: int) -> tuple[Dataset, Da
         raise ConfigError("data.num_classes must be at least 2")
     means = rng.normal(size=(k, d)) * config.class_separation
 
-    def draw(n: int) -> Dataset:
-        labels = rng.integers(0, k, size=n)
-        x = means[labels] + rng.normal(size=(n, d))
+    def draw(n: int, stream: np.random.Generator) -> Dataset:
+        labels = stream.integers(0, k, size=n)
+        x = means[labels] + stream.normal(size=(n, d))
         return Dataset({"features": torch.tensor(x, dtype=torch.float32)}, torch.tensor(labels, dtype=torch.long))
 
-    train = draw(config.train_samples or DEFAULT_SYNTHETIC_SAMPLES)
-    return train, draw(config.test_samples), train.labels.numpy()
+    train = draw(config.train_samples or DEFAULT_SYNTHETIC_SAMPLES, rng)
+    # the test set has a stream of its own, so runs with other training sizes are scored on the same one
+    test = draw(config.test_samples, np.random.default_rng(derive_seed(seed, "synthetic-test")))
+    return train, test, train.labels.numpy()
 
 
 def partition_labels(labels: np.ndarray, peers: int, config: DataConfig, rng: np.random.Generator) -> list[np.ndarray]:
@@ -179,6 +181,11 @@ def _shards(labels: np.ndarray, peers: int, per_peer: int, rng: np.random.Genera
     """Sort by label, cut into peers * per_peer shards, deal each peer ``per_peer`` random shards."""
     if per_peer < 1:
         raise ConfigError("data.shards_per_peer must be at least 1")
+    if peers * per_peer > len(labels):
+        raise ConfigError(
+            f"{peers} peers x data.shards_per_peer={per_peer} shards is more than the {len(labels)} training "
+            "samples, so some shards would be empty; lower data.shards_per_peer or use more data"
+        )
     order = np.argsort(labels, kind="stable")
     shards = np.array_split(order, peers * per_peer)
     deal = rng.permutation(len(shards)).reshape(peers, per_peer)

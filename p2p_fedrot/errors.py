@@ -11,3 +11,7 @@ class ConfigError(P2PFedRotError, ValueError):
 
 class PeerError(P2PFedRotError, RuntimeError):
     """A neighbour process timed out, died or sent something that does not match this peer."""
+
+
+class DivergedError(P2PFedRotError, ArithmeticError):
+    """A peer's training loss became inf or nan: the run cannot recover, so it stops with the cause."""

@@ -192,6 +192,10 @@ def _base_model(config: ModelConfig, task: str, input_dim: int, num_classes: int
         lora = LoraConfig(task_type=TaskType.SEQ_CLS, target_modules=config.lora.target_modules, **lora_args)
         if base.config.pad_token_id is None:
             base.config.pad_token_id = base.config.eos_token_id
+    positions = getattr(base.config, "max_position_embeddings", None)
+    if positions is not None and config.max_length > positions:
+        raise ConfigError(f"model.max_length={config.max_length} exceeds the {positions} positions that "
+                          f"{config.name} can encode; set model.max_length to at most {positions}")
     return base, lora
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import yaml
 
 from .errors import ConfigError
-from .io import atomic_write_png, atomic_write_text
+from .io import atomic_write_png, atomic_write_text, read_json, read_jsonl
 
 
 def load_run(run_dir: str | os.PathLike) -> dict:
@@ -22,13 +21,12 @@ def load_run(run_dir: str | os.PathLike) -> dict:
             f"{folder} is not a finished run folder (missing {', '.join(missing)}); "
             "pass folders written by `p2p-fedrot run`"
         )
-    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {
         "name": folder.name,
-        "metrics": metrics,
-        "summary": json.loads((folder / "summary.json").read_text()),
+        "metrics": read_jsonl(folder / "metrics.jsonl"),
+        "summary": read_json(folder / "summary.json"),
         "config": yaml.safe_load((folder / "config.yaml").read_text()),
-        "topology": json.loads((folder / "topology.json").read_text()),
+        "topology": read_json(folder / "topology.json"),
     }
 
 
@@ -63,7 +61,7 @@ def plot_runs(runs: list[dict], key: str, ylabel: str, path: Path, log: bool = F
     axes = figure.add_subplot()
     for run in runs:
         rounds = [m["round"] + 1 for m in run["metrics"]]
-        values = [m[key] for m in run["metrics"]]
+        values = [float("nan") if m.get(key) is None else m[key] for m in run["metrics"]]
         if log:  # exact consensus (0) has no place on a log axis: leave that point out
             values = [v if v > 0 else float("nan") for v in values]
         axes.plot(rounds, values, marker="o", markersize=3, label=run["name"])
@@ -80,6 +78,9 @@ def plot_runs(runs: list[dict], key: str, ylabel: str, path: Path, log: bool = F
 def write_report(run_dirs: list[str], out: str | os.PathLike) -> Path:
     """Write summary.md, accuracy.png and consensus.png for the given runs into ``out``."""
     runs = [load_run(d) for d in run_dirs]
+    if len({run["name"] for run in runs}) < len(runs):  # e.g. a/seed0 and b/seed0: name them by path
+        for run, run_dir in zip(runs, run_dirs):
+            run["name"] = str(run_dir).rstrip("/")
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     plot_runs(runs, "mean_accuracy", "mean test accuracy over peers", folder / "accuracy.png")

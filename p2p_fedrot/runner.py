@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from .config import RunConfig, save_config
 from .data import build_data, pool
 from .factors import FactorLayout
 from .gossip import collect_mix_inputs, keeps_own_value, routes_of
-from .io import JsonlWriter, atomic_write_json, atomic_write_text
+from .io import JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl, to_json
 from .metrics import aggregation_error, consensus_distance
 from .mixing import compose, mixing_matrix, server_mixing_steps, spectral_gap
 from .model import CAUSAL_LM, build_peer_models, load_tokenizer, task_of
@@ -37,6 +38,8 @@ from .transport import Placement, Runtime, Transport, collective, init_runtime
 
 POOLED_STREAM = 2**32 - 1  # seed key of the pooled learner's batches (never a peer id)
 SCHEDULE_WINDOW = 64  # rounds averaged to plan with a time-varying graph's spectral gap
+ADAPTERS = "adapters"  # folder of out with every peer's adapter in peft format
+PER_PROCESS_KEYS = ("out", "threads", "comm")  # config keys that may differ between the processes of a launch
 
 
 @dataclass
@@ -111,10 +114,10 @@ class Experiment:
         return self.topology.server and peer == 0
 
     def fingerprint(self) -> int:
-        """Hash of everything that must agree between processes for their messages to make sense."""
-        c = self.config
-        shared = [c.seed, c.peers, c.topology, c.mixing, c.method, c.method_args, c.model.name,
-                  c.model.hidden, c.model.lora.r, c.model.lora.target_modules, self.layout.numel]
+        """Hash of everything that must agree between processes: the whole config but the keys
+        that may differ per process, and the factor layout."""
+        shared = {k: v for k, v in self.config.to_dict().items() if k not in PER_PROCESS_KEYS}
+        shared["layout_numel"] = self.layout.numel
         digest = hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).digest()
         return int.from_bytes(digest[:8], "little")
 
@@ -140,6 +143,7 @@ class Experiment:
         rank0 = self.runtime.rank == 0
         first, earlier_seconds = self.restore() if self.config.resume else (0, 0.0)
         writer = self.start_outputs(first) if rank0 else None
+        self.all_arrive("preparing the output folder")  # nobody writes into out before it is ready
         start = time.perf_counter() - earlier_seconds
         last: dict = {}
         try:
@@ -363,12 +367,12 @@ class Experiment:
         save_config(self.config, self.out / "config.yaml")
         atomic_write_json(self.out / "topology.json", self.topology_record())
         metrics = self.out / "metrics.jsonl"
-        if first == 0:
-            (checkpoint.folder_of(self.out) / checkpoint.LATEST).unlink(missing_ok=True)  # not this run's
+        if first == 0:  # a fresh run replaces an earlier run's outputs, so that none outlive it
+            for folder in (checkpoint.folder_of(self.out), self.out / ADAPTERS):
+                shutil.rmtree(folder, ignore_errors=True)
             return JsonlWriter(metrics)
-        kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["round"] < first] if metrics.is_file() else []
-        atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+        kept = [record for record in read_jsonl(metrics) if record["round"] < first] if metrics.is_file() else []
+        atomic_write_text(metrics, "".join(to_json(record) + "\n" for record in kept))
         return JsonlWriter(metrics, append=True)
 
     def topology_record(self) -> dict:
@@ -396,7 +400,7 @@ class Experiment:
 
     def finish(self, last: dict, wall: float) -> dict:
         """Save every adapter (each process its own peers), then the summary on process 0."""
-        adapters = self.out / "adapters"
+        adapters = self.out / ADAPTERS
         save_peer_adapters(self.models, [p for p in self.placement.local_peers if not self.is_server(p)], adapters)
         if self.runtime.rank == 0:
             save_consensus_adapter(self.models, [self.last_flats[c] for c in self.clients], adapters)

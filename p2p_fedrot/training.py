@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Dataset
-from .errors import ConfigError
+from .errors import ConfigError, DivergedError
 from .factors import adapter_parameters
 from .model import CAUSAL_LM, PeerModels, adapter_name
 from .seeding import derive_seed
@@ -101,6 +102,12 @@ class PeerTrainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             losses.append(loss.item())
+        if not all(math.isfinite(value) for value in losses):
+            raise DivergedError(
+                f"peer {self.peer}, round {round}: the training loss became {losses[-1]} (losses of its local steps: "
+                f"{', '.join(f'{v:.4g}' for v in losses)}); lower train.lr (now {config.lr:g}) or train.grad_clip "
+                f"(now {config.grad_clip})"
+            )
         return sum(losses) / len(losses) if losses else float("nan")
 
 

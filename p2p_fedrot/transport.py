@@ -226,8 +226,8 @@ class Transport:
             if fingerprint != self.fingerprint:
                 raise PeerError(
                     f"process {process} (peers {self._peer_list(process)}) runs a different configuration "
-                    f"(fingerprint {fingerprint:#x} != ours {self.fingerprint:#x}): model, LoRA rank, "
-                    "method, peers or topology differ; launch every process with the same config"
+                    f"(fingerprint {fingerprint:#x} != ours {self.fingerprint:#x}); launch every process with "
+                    "the same config and --set overrides (only out, threads and comm.* may differ)"
                 )
             expected = numel_of(self.placement.peers_of(process).start)
             if their_numel != expected:

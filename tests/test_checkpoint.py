@@ -95,6 +95,25 @@ def test_resume_refuses_a_different_run(tmp_path: Path) -> None:
         run(tmp_path, "rounds=2", "resume=true")
 
 
+def test_a_damaged_checkpoint_is_named(tmp_path: Path) -> None:
+    run(tmp_path, "rounds=2")
+    folder = checkpoint.folder_of(tmp_path)
+    (folder / "round_0001" / "peer_003.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(ConfigError, match=r"peer_003\.safetensors cannot be read .* damaged"):
+        run(tmp_path, "rounds=3", "resume=true")
+    (folder / checkpoint.LATEST).write_text('{"round": 1, "fol')
+    with pytest.raises(ConfigError, match=r"latest\.json is not valid JSON"):
+        run(tmp_path, "rounds=3", "resume=true")
+
+
+def test_a_fresh_run_replaces_the_outputs_of_an_earlier_one(tmp_path: Path) -> None:
+    run(tmp_path, "rounds=2", "peers=12")
+    run(tmp_path, "rounds=2", "peers=8")
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["consensus", *(f"peer_{p:03d}" for p in range(8))]
+    kept = checkpoint.folder_of(tmp_path) / "round_0001"
+    assert sorted(p.name for p in kept.iterdir()) == [f"peer_{p:03d}.safetensors" for p in range(8)]
+
+
 @pytest.mark.slow
 def test_a_checkpoint_from_one_process_resumes_on_two(tmp_path: Path) -> None:
     common = ["run", TOY, "--set", "threads=1", *[x for o in ADAMW for x in ("--set", o)]]

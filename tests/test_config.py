@@ -20,6 +20,12 @@ def test_overrides_are_parsed_as_yaml_values() -> None:
     assert config.model.lora.target_modules == ["fc1"] and config.train.grad_clip is None
 
 
+def test_numbers_in_exponent_notation_are_numbers() -> None:
+    """YAML 1.1 reads 1e-3 and 5e-5 as text; a config must still take them as the numbers they are."""
+    config = load_config(TOY, ["train.lr=1e-3", "train.grad_clip=5e-5", "comm.timeout_s=1E2"])
+    assert config.train.lr == 1e-3 and config.train.grad_clip == 5e-5 and config.comm.timeout_s == 100.0
+
+
 @pytest.mark.parametrize(
     "override,needle",
     [
@@ -30,6 +36,11 @@ def test_overrides_are_parsed_as_yaml_values() -> None:
         ("train.optimizer_state=sometimes", "train.optimizer_state must be method, keep or reset"),
         ("train=3", "'train' must be a mapping"),
         ("nonsense", "key=value"),
+        ("train.lr=abc", "'train.lr' = 'abc' must be a number"),
+        ("train.lr=.inf", "train.lr = inf must be a finite number"),
+        ("comm.timeout_s=.nan", "comm.timeout_s = nan must be a finite number"),
+        ("seed=-1", "seed = -1 must be in [0, 2**32)"),
+        ("seed=4294967296", "must be in [0, 2**32)"),
         ("eval.batch_size=0", "eval.batch_size must be >= 1"),
         ("train.momentum=-1", "train.momentum"),
         ("train.weight_decay=-0.1", "train.weight_decay must be >= 0"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from p2p_fedrot.config import DataConfig
 from p2p_fedrot.data import build_data, partition_labels
@@ -62,3 +63,14 @@ def test_a_peer_left_without_training_data_is_named() -> None:
     config = DataConfig(partition="iid", train_samples=40, min_samples=1, local_test_fraction=0.99)
     with pytest.raises(ConfigError, match=r"peer 0 .*data\.local_test_fraction=0\.99.*none to train on.*data\.train_samples"):
         build_data(config, list(range(8)), seed=0)
+
+
+def test_synthetic_test_set_does_not_depend_on_the_training_size() -> None:
+    small, large = (build_data(DataConfig(train_samples=n), list(range(4)), seed=0) for n in (400, 2000))
+    assert torch.equal(small.test.inputs["features"], large.test.inputs["features"])
+    assert torch.equal(small.test.labels, large.test.labels)
+
+
+def test_more_shards_than_samples_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"12 peers x data\.shards_per_peer=300 shards .* 3000"):
+        split("shards", shards_per_peer=300)

@@ -35,3 +35,21 @@ def test_report_compares_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
 def test_report_on_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "is not a finished run folder" in capsys.readouterr().err
+
+
+def test_runs_with_the_same_folder_name_are_told_apart_and_damage_is_named(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    runs = []
+    for group in ("a", "b"):
+        out = tmp_path / group / "seed0"
+        config = load_config(TOY, ["rounds=1", "train.local_steps=1", f"out={out}"])
+        Experiment(config, init_runtime()).run()
+        runs.append(str(out))
+    assert main(["report", *runs, "--out", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "summary.md").read_text()
+    assert f"| {runs[0]} |" in table and f"| {runs[1]} |" in table
+    metrics = Path(runs[1]) / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"round": 1, "mean_acc\n')
+    capsys.readouterr()
+    assert main(["report", *runs, "--out", str(tmp_path / "report")]) == 2
+    assert f"{metrics} line 2 is not valid JSON" in capsys.readouterr().err

@@ -145,3 +145,32 @@ def test_server_mode_reproduces_the_federated_algorithm(tmp_path: Path, method: 
     expected = hand_server_rounds(config, 3, lam)
     for peer in range(config.peers):  # the hub holds G and every client adopted it
         torch.testing.assert_close(experiment.states[peer].flat, expected, rtol=0, atol=2e-6)
+
+
+def test_processes_must_agree_on_every_setting_but_out_threads_and_comm(tmp_path: Path) -> None:
+    def fingerprint(*overrides: str) -> int:
+        return Experiment(load_config(TOY, [f"out={tmp_path}", *overrides]), init_runtime()).fingerprint()
+
+    reference = fingerprint()
+    assert fingerprint(f"out={tmp_path / 'elsewhere'}", "threads=3", "comm.timeout_s=5") == reference
+    for override in ("train.lr=0.5", "data.alpha=100", "model.lora.alpha=4", "rounds=7", "eval.every=2"):
+        assert fingerprint(override) != reference, override
+
+
+def test_a_diverging_peer_stops_the_run_with_the_cause(tmp_path: Path) -> None:
+    result = cli(["run", TOY, "--set", "train.lr=1e20", "--set", "rounds=2", "--set", f"out={tmp_path}"])
+    assert result.returncode == 2
+    assert "p2p-fedrot: error: peer 0, round 0: the training loss became nan" in result.stderr
+    assert "lower train.lr (now 1e+20)" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_metrics_are_strict_json_even_without_local_test_splits(tmp_path: Path) -> None:
+    """An empty local split has no accuracy: it is written as null, not as a bare NaN token."""
+    config = load_config(TOY, ["rounds=1", "data.local_test_fraction=0", f"out={tmp_path}"])
+    Experiment(config, init_runtime()).run()
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    (record,) = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert record["local_accuracy"] == [None] * 8 and all(a is not None for a in record["accuracy"])
