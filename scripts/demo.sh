@@ -10,6 +10,9 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 CONFIG=${CONFIG:-configs/demo.yaml}
 OUT=${OUT:-runs/demo}
 NPROC=${NPROC:-2}
+for arg in "$@"; do  # a --set out=DIR among the extra arguments moves the report along with the run
+    case $arg in out=*) OUT=${arg#out=} ;; esac
+done
 torchrun --standalone --nproc_per_node "$NPROC" -m p2p_fedrot run "$CONFIG" --set "out=$OUT" "$@"
 p2p-fedrot report "$OUT" --out "$OUT/report"
 echo "metrics: $OUT/metrics.jsonl  report: $OUT/report/summary.md"

@@ -53,3 +53,15 @@ def test_runs_with_the_same_folder_name_are_told_apart_and_damage_is_named(tmp_p
     capsys.readouterr()
     assert main(["report", *runs, "--out", str(tmp_path / "report")]) == 2
     assert f"{metrics} line 2 is not valid JSON" in capsys.readouterr().err
+
+
+def test_sweep_script_runs_one_value_each_and_reports_them(tmp_path: Path) -> None:
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(root / "scripts" / "sweep.sh"), str(TOY), "topology", "ring complete",
+                           str(tmp_path), "--set", "rounds=1", "--set", "train.local_steps=1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "report" / "summary.md").read_text()
+    assert "| ring | ring | fedrot |" in table and "| complete | complete | fedrot | 1.0000 |" in table
