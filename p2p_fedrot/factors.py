@@ -86,12 +86,6 @@ class FactorLayout:
             flat[start:end].copy_(payload[cursor : cursor + end - start])
             cursor += end - start
 
-    def expand(self, payload: torch.Tensor, parts: Iterable[str], fill: torch.Tensor) -> torch.Tensor:
-        """A full-size buffer holding ``payload`` in ``parts`` and ``fill``'s values elsewhere."""
-        full = fill.clone()
-        self.insert(full, parts, payload)
-        return full
-
 
 def adapter_parameters(model: nn.Module, adapter: str) -> tuple[list, list, list]:
     """(A, B, head) lists of (name, parameter) of one peft adapter, in model order."""

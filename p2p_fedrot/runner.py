@@ -81,6 +81,7 @@ class Experiment:
             config.model, local, self.data.input_dim, self.data.num_classes, config.seed, runtime.device
         )
         self.layout: FactorLayout = self.models.layout
+        self.static_steps = self.mixing_steps(0) if self.topology.static else None
         context = methods.MethodContext(self.layout, self.planning_gap(), self.topology.server, self.models.model)
         self.method = methods.make_method(config.method, config.method_args, context)
         self.states = {p: methods.PeerState(p, self.models.flats[p]) for p in local}
@@ -90,7 +91,6 @@ class Experiment:
         self.reset_optimizer = rule == "reset" or (rule == "method" and self.method.resets_optimizer)
         self.transport = Transport(self.placement, runtime.device, config.comm.timeout_s, self.fingerprint(),
                                    runtime.wire_device)
-        self.static_steps = self.mixing_steps(0) if self.topology.static else None
         self.out = Path(config.out)
         self.bytes_total = 0
 
@@ -121,6 +121,10 @@ class Experiment:
         digest = hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).digest()
         return int.from_bytes(digest[:8], "little")
 
+    def steps_at(self, round: int) -> list[np.ndarray]:
+        """The round's mixing steps: those computed once for a static graph, else drawn for the round."""
+        return self.static_steps or self.mixing_steps(round)
+
     def mixing_steps(self, round: int) -> list[np.ndarray]:
         """The mixing matrices of a round: one gossip step, or the server's up and down steps."""
         if self.topology.server:
@@ -136,7 +140,7 @@ class Experiment:
 
     def round_mixing(self, round: int) -> np.ndarray:
         """One whole round's mixing: the product of its steps (the server's is exact averaging)."""
-        return compose(self.mixing_steps(round))
+        return compose(self.steps_at(round))
 
     # ------------------------------------------------------------------ round loop
     def run(self) -> dict:
@@ -196,7 +200,7 @@ class Experiment:
         if not self.method.sent_parts(round):
             return 0
         element = next(iter(self.models.flats.values())).element_size()
-        steps = self.static_steps or self.mixing_steps(round)
+        steps = self.steps_at(round)
         return sum(self.method.payload_numel(round, k, src) * element
                    for k, W in enumerate(steps) for src, _ in routes_of(W))
 
@@ -212,7 +216,7 @@ class Experiment:
         if not parts:
             return
         local = list(self.placement.local_peers)
-        for k, W in enumerate(self.static_steps or self.mixing_steps(round)):
+        for k, W in enumerate(self.steps_at(round)):
             since = time.perf_counter()
             payloads = {p: self.method.pack(self.states[p], round, k, self.layout.extract(self.states[p].flat, parts))
                         for p in local}
@@ -382,8 +386,8 @@ class Experiment:
         server's up-then-down exchange averages exactly, so its gap is 1.
         """
         graph = self.topology.graph_at(0)
-        steps = self.mixing_steps(0)
-        round_W = self.round_mixing(0)
+        steps = self.steps_at(0)
+        round_W = compose(steps)
         return {
             "name": self.topology.name,
             "peers": self.topology.peers,

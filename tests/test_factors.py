@@ -49,5 +49,3 @@ def test_layout_segments_extract_and_insert() -> None:
     b_start, b_end = layout.segments["B"]
     assert torch.equal(target[a_start:a_end], flat[a_start:a_end])
     assert torch.all(target[b_start:b_end] == 0)
-    full = layout.expand(payload, ["A", "head"], fill=torch.full_like(flat, -1.0))
-    assert torch.all(full[b_start:b_end] == -1) and torch.equal(full[a_start:a_end], flat[a_start:a_end])

@@ -50,15 +50,20 @@ def dense_errors(layout, sent, mixed, peers) -> tuple[float, float]:
     return float(np.mean(absolute)), float(np.mean(relative))
 
 
+def assert_matches_dense(layout, sent, mixed, peers) -> None:
+    """The Gram-based errors are those computed densely, and large enough to be a real check."""
+    absolute, relative = aggregation_error(layout, W, sent, mixed, peers)
+    expected = dense_errors(layout, sent, mixed, peers)
+    assert absolute > 1.0
+    assert abs(absolute - expected[0]) <= 1e-6 * expected[0]
+    assert abs(relative - expected[1]) <= 1e-6
+
+
 def test_aggregation_error_of_factor_averaging_is_the_dense_definition() -> None:
     """Averaged factors: ||sum_j W_ij s B_j A_j - s (sum_j W_ij B_j)(sum_j W_ij A_j)||_F, mean over peers."""
     layout, sent = random_peers(4)
     averaged = [sum(W[i, j] * sent[j] for j in range(4)) for i in range(4)]
-    absolute, relative = aggregation_error(layout, W, sent, averaged, [0, 1, 2, 3])
-    expected = dense_errors(layout, sent, averaged, [0, 1, 2, 3])
-    assert absolute > 1.0
-    assert abs(absolute - expected[0]) <= 1e-6 * expected[0]
-    assert abs(relative - expected[1]) <= 1e-6
+    assert_matches_dense(layout, sent, averaged, [0, 1, 2, 3])
 
 
 def test_aggregation_error_of_a_peer_that_keeps_its_own_A() -> None:
@@ -68,11 +73,7 @@ def test_aggregation_error_of_a_peer_that_keeps_its_own_A() -> None:
     for i in range(4):
         for m, b in enumerate(layout.b_views(mixed[i])):
             b.copy_(sum(W[i, j] * layout.b_views(sent[j])[m] for j in range(4)))
-    absolute, relative = aggregation_error(layout, W, sent, mixed, [1, 3])
-    expected = dense_errors(layout, sent, mixed, [1, 3])
-    assert absolute > 1.0
-    assert abs(absolute - expected[0]) <= 1e-6 * expected[0]
-    assert abs(relative - expected[1]) <= 1e-6
+    assert_matches_dense(layout, sent, mixed, [1, 3])
 
 
 def test_aggregation_error_is_zero_when_the_products_are_averaged_exactly() -> None:
