@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -21,11 +22,22 @@ def _save_adapter(models: PeerModels, adapter: str, target: Path) -> None:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         models.model.save_pretrained(staging, selected_adapters=[adapter])
+        _sort_sets(staging / adapter / "adapter_config.json")
         if target.exists():  # move the old one aside first: a crash now leaves it in the staging folder
             os.replace(target, staging / "previous")
         os.replace(staging / adapter, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _sort_sets(config_file: Path) -> None:
+    """peft keeps target_modules as a set and writes it in hash order, which changes from one
+    process to the next; sorted, the same adapter gives the same file."""
+    config = json.loads(config_file.read_text())
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def save_peer_adapters(models: PeerModels, peers: list[int], folder: Path) -> None:

@@ -18,13 +18,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
+from .config import dotted
 from .errors import ConfigError
 from .io import atomic_write_bytes, atomic_write_json, read_json
 
 LATEST = "latest.json"
 SHARED = "shared.safetensors"
 # Keys that may change when a run is resumed: they do not alter what a round computes.
-FREE_KEYS = ("rounds", "out", "resume", "checkpoint_every", "threads", "eval", "comm")
+FREE_KEYS = ("rounds", "out", "resume", "overwrite", "checkpoint_every", "threads", "eval", "comm.backend",
+             "comm.timeout_s")
 
 
 def folder_of(out: Path) -> Path:
@@ -72,17 +74,23 @@ def save_shared(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
         save_tensors(folder / SHARED, tensors)
 
 
-def comparable(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
     """The config as dotted keys (``train.lr``), without the keys a resumed run may change."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if not prefix and key in FREE_KEYS:
-            continue
-        if isinstance(value, dict) and value:
-            flat.update(comparable(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
+    return {key: value for key, value in dotted(config).items()
+            if not any(key == free or key.startswith(free + ".") for free in FREE_KEYS)}
+
+
+def differing_keys(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The settings (dotted keys) in which two run configs differ, the free keys aside."""
+    old, new = comparable(before), comparable(now)
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def describe_differences(before: dict[str, Any], now: dict[str, Any], keys: list[str]) -> str:
+    """"train.lr is 0.5 here but 0.1 there; ...": the first few differing keys, for an error line."""
+    old, new = comparable(before), comparable(now)
+    shown = "; ".join(f"{k} is {new.get(k)!r} here but {old.get(k)!r} there" for k in keys[:4])
+    return shown + (f" (and {len(keys) - 4} more)" if len(keys) > 4 else "")
 
 
 def commit(out: Path, round: int, meta: dict[str, Any]) -> None:
@@ -109,8 +117,8 @@ class Checkpoint:
     def peer(self, peer: int) -> dict[str, torch.Tensor]:
         path = peer_file(self.folder, peer)
         if not path.is_file():
-            raise ConfigError(f"checkpoint {self.folder} has no file for peer {peer}; it is incomplete, "
-                              "start the run again without resume")
+            raise ConfigError(f"checkpoint {self.folder} has no file for peer {peer}; it is incomplete: use "
+                              "another out, or --overwrite to start the run again")
         return _load(path)
 
     def shared(self) -> dict[str, torch.Tensor]:
@@ -122,26 +130,17 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except Exception as exc:  # safetensors raises its own error type for a damaged header or body
-        raise ConfigError(f"checkpoint file {path} cannot be read ({exc}); it is damaged: start the run "
-                          "again without resume") from None
+        raise ConfigError(f"checkpoint file {path} cannot be read ({exc}); it is damaged: use another out, or "
+                          "--overwrite to start the run again") from None
 
 
-def find(out: Path, config: dict[str, Any]) -> Checkpoint:
-    """The checkpoint of the run in ``out``, after checking that ``config`` describes the same run."""
-    latest = folder_of(out) / LATEST
-    if not latest.is_file():
-        raise ConfigError(f"resume: no checkpoint in {folder_of(out)}; run once without resume "
-                          "(checkpoints are written every checkpoint_every rounds and at the end)")
-    meta = read_json(latest)
-    if not {"round", "folder", "config"} <= meta.keys():
-        raise ConfigError(f"{latest} lacks round, folder or config; it is damaged: start the run again without resume")
-    before, now = comparable(meta["config"]), comparable(config)
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-    if changed:
-        key = changed[0]
-        raise ConfigError(f"resume: config key '{key}' is {now.get(key)!r} but the checkpointed run used "
-                          f"{before.get(key)!r}; only {', '.join(FREE_KEYS)} may change when resuming")
-    if meta["round"] + 1 >= config["rounds"]:
-        raise ConfigError(f"resume: the run in {out} already finished {meta['round'] + 1} rounds; "
-                          f"set rounds above {meta['round'] + 1} to continue it")
+def latest(out: Path) -> Checkpoint | None:
+    """The committed checkpoint in ``out``, or None when there is none."""
+    path = folder_of(out) / LATEST
+    if not path.is_file():
+        return None
+    meta = read_json(path)
+    if not isinstance(meta, dict) or not {"round", "folder", "config"} <= meta.keys():
+        raise ConfigError(f"{path} lacks round, folder or config; it is damaged: use another out, or --overwrite to "
+                          "start the run again")
     return Checkpoint(meta["round"], folder_of(out) / meta["folder"], meta)

@@ -25,7 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set topology=torus --set train.lr=0.05 (repeatable)")
     run.add_argument("--resume", action="store_true",
-                     help="go on from the checkpoint in the run's out folder (same as --set resume=true)")
+                     help="require the checkpoint in the run's out folder and go on from it (same as --set "
+                          "resume=true; by default, resume: auto goes on from it when there is one)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the outputs of another run in out (same as --set overwrite=true)")
 
     topo = sub.add_parser("topology", help="describe a communication graph and its mixing matrix")
     topo.add_argument("spec", help="catalogue name (ring, torus, ...), topology YAML, graph file, "
@@ -45,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # torch's C++ layer logs every distributed failure it raises; this command reports each in one
+    # line of its own (set TORCH_CPP_LOG_LEVEL to see torch's logs). Read when torch loads, below.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
@@ -65,7 +71,8 @@ def command_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .runner import run
 
-    config = load_config(args.config, [*args.overrides, *(["resume=true"] if args.resume else [])])
+    flags = [*(["resume=true"] if args.resume else []), *(["overwrite=true"] if args.overwrite else [])]
+    config = load_config(args.config, [*args.overrides, *flags])
     summary = run(config)
     if summary:
         print(f"done: final mean accuracy {summary['final_mean_accuracy']:.4f}; outputs in {config.out}")
@@ -81,8 +88,8 @@ def command_report(args: argparse.Namespace) -> int:
 
 
 def command_topology(args: argparse.Namespace) -> int:
-    from .mixing import compose, mixing_matrix, server_mixing_steps
-    from .topology import build_topology, draw_topology, topology_stats
+    from .mixing import DENSE_SPECTRAL_LIMIT, compose, mixing_matrix, mixing_matrix_sparse, server_mixing_steps
+    from .topology import build_topology, check_drawable, draw_topology, progress_to, topology_stats
 
     if args.peers < 2:
         raise ConfigError("--peers must be at least 2")
@@ -94,21 +101,34 @@ def command_topology(args: argparse.Namespace) -> int:
             reason = " ".join(str(exc).split())
             raise ConfigError(f"topology spec {args.spec!r} is not a valid YAML mapping ({reason}); write it like "
                               "'{name: erdos_renyi, p: 0.2}'") from None
-    topology = build_topology(spec, args.peers, args.seed, args.allow_disconnected)
-    graph = topology.graph_at(args.round)
-    if topology.server:  # a round is the hub's average then the clients' adoption (equal weights here)
-        W, mixing = compose(server_mixing_steps([1.0] * (args.peers - 1))), "server average"
-    else:
-        W, mixing = mixing_matrix(graph, args.mixing), args.mixing
-    stats = topology_stats(graph, W)
+    with progress_to(sys.stderr):  # slow steps on large graphs announce themselves; stdout stays the result
+        topology = build_topology(spec, args.peers, args.seed, args.allow_disconnected)
+        graph = topology.graph_at(args.round)
+        if args.png:
+            check_drawable(graph)
+        if topology.server:  # a round is the hub's average then the clients' adoption (equal weights here)
+            if args.peers > DENSE_SPECTRAL_LIMIT:
+                raise ConfigError(
+                    f"topology '{topology.name}': a server round's mixing matrix is dense (N x N), so it is described "
+                    f"for at most {DENSE_SPECTRAL_LIMIT:,} peers; use fewer peers, or 'star' for the hub's graph"
+                )
+            W, mixing = compose(server_mixing_steps([1.0] * (args.peers - 1))), "server average"
+        else:  # above the dense limit W is built sparse: an N x N array of 20,000 peers is 3.2 GB
+            build = mixing_matrix if args.peers <= DENSE_SPECTRAL_LIMIT else mixing_matrix_sparse
+            W, mixing = build(graph, args.mixing), args.mixing
+        stats = topology_stats(graph, W)
     if args.json:
         print(json.dumps(stats))
     else:
+        skipped = stats.pop("skipped", {})
         width = max(len(k) for k in stats)
         print(f"topology {topology.name} ({'static' if topology.static else 'time-varying'}, mixing {mixing})")
         for key, value in stats.items():
-            shown = f"{value:.6f}" if isinstance(value, float) else value
-            print(f"  {key:<{width}}  {shown}")
+            if isinstance(value, float):  # a large ring's gap is ~1e-8: show its digits, not 0.000000
+                value = f"{value:.3e}" if 0 < abs(value) < 1e-3 else f"{value:.6f}"
+            print(f"  {key:<{width}}  {value}")
+        for key, reason in skipped.items():
+            print(f"  ({key} skipped: {reason})")
     if args.png:
         draw_topology(graph, args.png, title=f"{topology.name}, {args.peers} peers")
     return 0

@@ -18,7 +18,9 @@ from typing import Any, Union
 import yaml
 
 from .errors import ConfigError
+from .faults import KINDS
 from .io import atomic_write_text
+from .validation import POLICIES
 
 
 @dataclass
@@ -79,6 +81,10 @@ class EvalConfig:
 class CommConfig:
     backend: str = "auto"  # auto | gloo | nccl
     timeout_s: float = 300.0
+    validate: bool = True  # screen received payloads: declared size, finite values, norm ratio
+    max_norm_ratio: float = 100.0  # a payload's norm may be at most this times the receiver's own
+    on_bad_payload: str = "fail"  # fail (stop, naming the sender) | drop (mix without it, renormalise)
+    inject_fault: dict | None = None  # drill: {peer: 3, round: 5, kind: nan | inf | scale | truncate}
 
 
 @dataclass
@@ -92,8 +98,10 @@ class RunConfig:
     allow_disconnected: bool = False
     method: str = "fedrot"
     method_args: dict = field(default_factory=dict)
+    participation: float = 1.0  # probability that a peer takes part in a round (drawn from seed and round)
     checkpoint_every: int = 0  # rounds between checkpoints in out/checkpoint (0: only after the last round)
-    resume: bool = False  # go on from the checkpoint in out (raise rounds to extend a finished run)
+    resume: Union[bool, str] = "auto"  # auto: go on from a matching checkpoint in out | true: must | false: start fresh
+    overwrite: bool = False  # replace another run's outputs in out (otherwise that is an error)
     threads: int | None = None  # torch threads per process; None: cores / local processes
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -239,6 +247,13 @@ def validate(config: RunConfig) -> None:
         (config.eval.every >= 1, "eval.every must be >= 1 (rounds between evaluations)"),
         (config.comm.backend in ("auto", "gloo", "nccl"), "comm.backend must be auto, gloo or nccl"),
         (config.comm.timeout_s > 0, "comm.timeout_s must be positive (seconds to wait for a neighbour)"),
+        (config.comm.max_norm_ratio > 1, "comm.max_norm_ratio must be above 1 (a neighbour's payload norm may be "
+                                         "at most this times the receiver's own)"),
+        (config.comm.on_bad_payload in POLICIES, f"comm.on_bad_payload must be one of {', '.join(POLICIES)}"),
+        (0.0 < config.participation <= 1.0, "participation must be in (0, 1] (the probability that a peer takes "
+                                            "part in a round)"),
+        (config.resume in (True, False, "auto"), f"resume = {config.resume!r} must be auto, true or false"),
+        *_fault_checks(config),
         (config.data.partition in ("iid", "dirichlet", "shards"), "data.partition must be iid, dirichlet or shards"),
         (config.data.alpha > 0, "data.alpha (Dirichlet concentration) must be positive"),
         (0.0 <= config.data.local_test_fraction < 1.0, "data.local_test_fraction must be in [0, 1)"),
@@ -264,6 +279,24 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(message)
 
 
+def _fault_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    """The fault drill must name a real peer, round and kind, or it would silently never fire."""
+    fault = config.comm.inject_fault
+    if fault is None:
+        return []
+    usage = "comm.inject_fault must look like {peer: 3, round: 5, kind: nan} with kind one of " + ", ".join(KINDS)
+    if set(fault) != {"peer", "round", "kind"}:
+        return [(False, f"{usage}; got keys {sorted(fault)}")]
+    peer, round = fault["peer"], fault["round"]
+    return [
+        (fault["kind"] in KINDS, f"{usage}; got kind {fault['kind']!r}"),
+        (type(peer) is int and 0 <= peer < config.peers, f"comm.inject_fault.peer = {peer!r} must be a peer in "
+                                                          f"0..{config.peers - 1}"),
+        (type(round) is int and 0 <= round < config.rounds, f"comm.inject_fault.round = {round!r} must be a round "
+                                                            f"in 0..{config.rounds - 1}"),
+    ]
+
+
 def _pairing_checks(config: RunConfig) -> list[tuple[bool, str]]:
     """Synthetic feature vectors only fit the toy MLP, and text only fits a transformer."""
     synthetic, toy = config.data.name == "synthetic", config.model.name == "toy:mlp"
@@ -279,6 +312,17 @@ def _pairing_checks(config: RunConfig) -> list[tuple[bool, str]]:
         (config.data.features >= 1, "data.features must be >= 1"),
         (config.data.class_separation > 0, "data.class_separation must be positive (0 makes the classes identical)"),
     ]
+
+
+def dotted(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as flat dotted keys (``train.lr``); empty sections stay as values."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            flat.update(dotted(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def save_config(config: RunConfig, path: str | os.PathLike) -> None:

@@ -11,7 +11,9 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from .transport import Route, Transport
+from .errors import PeerError
+from .transport import Route, Transport, common_numel
+from .validation import BadPayload, PayloadRules, PayloadScreen
 
 MixInputs = list[tuple[float, torch.Tensor]]
 
@@ -27,19 +29,53 @@ def keeps_own_value(W: np.ndarray, peer: int) -> bool:
 
 
 def collect_mix_inputs(transport: Transport, W: np.ndarray, payloads: Mapping[int, torch.Tensor], step: str = "",
-                       numel_of: Callable[[int], int] | None = None) -> dict[int, MixInputs]:
+                       numel_of: Callable[[int], int] | None = None, *,
+                       outgoing: Mapping[int, torch.Tensor] | None = None, rules: PayloadRules = PayloadRules(),
+                       tag: tuple[int, int] = (0, 0)) -> tuple[dict[int, MixInputs], list[BadPayload]]:
     """Exchange payloads along W's routes; for each hosted peer that mixes, its (W_ij, x_j) list.
 
-    The list is ordered by j (the peer itself included), so summing it gives bit-identical results
-    however peers are spread over processes.
+    ``payloads`` are the hosted peers' own values; ``outgoing`` what they send (the same unless a
+    fault drill corrupts it). Each received payload is screened; a bad one raises a PeerError
+    naming its sender, or with ``on_bad_payload: drop`` is left out and the rest of the row is
+    renormalised (the drops are returned). Each list is ordered by j (the peer itself included),
+    so summing it gives bit-identical results however peers are spread over processes.
     """
-    received = transport.exchange(payloads, routes_of(W), step=step, numel_of=numel_of)
-    received.update(payloads)
-    inputs = {}
+    outgoing = payloads if outgoing is None else outgoing
+    if numel_of is None:
+        common = common_numel(payloads)
+
+        def numel_of(src: int) -> int:
+            return common
+
+    received = transport.exchange(outgoing, routes_of(W), step=step, numel_of=numel_of, tag=tag)
+    screen = PayloadScreen(rules, received, payloads, numel_of)
+    inputs, dropped = {}, []
     for i in payloads:
-        if not keeps_own_value(W, i):
-            inputs[i] = [(float(W[i, j]), received[int(j)]) for j in np.flatnonzero(W[i])]
-    return inputs
+        if keeps_own_value(W, i):
+            continue
+        pairs, refused = [], 0
+        for j in map(int, np.flatnonzero(W[i])):
+            if j == i:
+                pairs.append((float(W[i, j]), payloads[i]))
+                continue
+            problem = screen.problem(j, i)
+            if problem is None:
+                pairs.append((float(W[i, j]), received[j]))
+            elif rules.on_bad_payload == "drop":
+                dropped.append(BadPayload(j, i, problem))
+                refused += 1
+            else:
+                where = transport.placement.process_name(transport.placement.owner(j))
+                raise PeerError(f"{step or 'exchange'}: peer {j} on {where} sent peer {i} a bad payload: {problem}. "
+                                "Set comm.on_bad_payload: drop to mix without it")
+        inputs[i] = renormalised(pairs) if refused else pairs
+    return inputs, dropped
+
+
+def renormalised(pairs: MixInputs) -> MixInputs:
+    """Rescale the weights of a row that lost some entries so that they sum to 1 again."""
+    total = sum(weight for weight, _ in pairs)
+    return [(weight / total, payload) for weight, payload in pairs]
 
 
 def weighted_sum(inputs: MixInputs) -> torch.Tensor:

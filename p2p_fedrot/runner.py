@@ -7,39 +7,47 @@ and the seed, so processes only exchange factors, never control messages.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, methods
+from . import checkpoint, methods, outputs
 from .adapters import save_consensus_adapter, save_peer_adapters
-from .config import RunConfig, save_config
+from .config import RunConfig, dotted
 from .data import build_data, pool
+from .errors import ConfigError
 from .factors import FactorLayout
+from .faults import corrupted
 from .gossip import collect_mix_inputs, keeps_own_value, routes_of
-from .io import JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl, to_json
+from .io import atomic_write_json
 from .metrics import aggregation_error, consensus_distance
 from .mixing import compose, mixing_matrix, server_mixing_steps, spectral_gap
 from .model import CAUSAL_LM, build_peer_models, load_tokenizer, task_of
+from .outputs import StartPlan
+from .participation import present_peers, restrict
+from .runtime import Runtime, agree, collective, init_runtime, plain_process_name
 from .topology import Topology, build_topology, topology_stats
 from .training import PeerTrainer, evaluate
-from .transport import Placement, Runtime, Transport, collective, init_runtime
+from .transport import Placement, Transport
+from .validation import PayloadRules
 
 
 POOLED_STREAM = 2**32 - 1  # seed key of the pooled learner's batches (never a peer id)
 SCHEDULE_WINDOW = 64  # rounds averaged to plan with a time-varying graph's spectral gap
-ADAPTERS = "adapters"  # folder of out with every peer's adapter in peft format
-PER_PROCESS_KEYS = ("out", "threads", "comm")  # config keys that may differ between the processes of a launch
+PER_PROCESS_KEYS = ("out", "threads", "comm.timeout_s")  # settings that may differ between a launch's processes
+VERSIONED = ("torch", "transformers", "peft", "p2p_fedrot")  # packages whose versions every process must share
 
 
 @dataclass
@@ -59,10 +67,28 @@ def run(config: RunConfig) -> dict:
     runtime = init_runtime(config.comm.backend, config.comm.timeout_s)
     torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // runtime.local_world))
     try:
+        # before any work: a process launched with other settings must stop everyone at once
+        name = Placement(config.peers, runtime.world, runtime.rank).process_name \
+            if config.peers % runtime.world == 0 else plain_process_name
+        agree(runtime, startup_header(config), "the configuration and package versions", config.comm.timeout_s, name)
         return Experiment(config, runtime).run()
     finally:
         if runtime.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def startup_header(config: RunConfig) -> dict[str, str]:
+    """Every setting that all processes must share (dotted keys), and the versions of the packages
+    that compute a round."""
+    header = {key: repr(value) for key, value in dotted(config.to_dict()).items()
+              if key not in PER_PROCESS_KEYS}
+    for package in VERSIONED:
+        header[f"version of {package}"] = importlib.metadata.version(package)
+    return header
+
+
+def digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class Experiment:
@@ -89,10 +115,13 @@ class Experiment:
         self.trainers = self.make_trainers()
         rule = config.train.optimizer_state
         self.reset_optimizer = rule == "reset" or (rule == "method" and self.method.resets_optimizer)
-        self.transport = Transport(self.placement, runtime.device, config.comm.timeout_s, self.fingerprint(),
-                                   runtime.wire_device)
+        self.transport = Transport(self.placement, runtime.device, config.comm.timeout_s, runtime.wire_device)
+        self.rules = PayloadRules(config.comm.validate, config.comm.max_norm_ratio, config.comm.on_bad_payload)
+        self.dropped: list[dict] = []  # payloads refused since the last evaluated round (on_bad_payload: drop)
         self.out = Path(config.out)
         self.bytes_total = 0
+        self.name = self.placement.process_name
+        agree(runtime, self.build_header(), "the model, data split and graph", config.comm.timeout_s, self.name)
 
     def make_trainers(self) -> dict[int, PeerTrainer]:
         """One trainer per hosted client; for a pooled-data method, one learner on all the data.
@@ -113,17 +142,27 @@ class Experiment:
     def is_server(self, peer: int) -> bool:
         return self.topology.server and peer == 0
 
-    def fingerprint(self) -> int:
-        """Hash of everything that must agree between processes: the whole config but the keys
-        that may differ per process, and the factor layout."""
-        shared = {k: v for k, v in self.config.to_dict().items() if k not in PER_PROCESS_KEYS}
-        shared["layout_numel"] = self.layout.numel
-        digest = hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).digest()
-        return int.from_bytes(digest[:8], "little")
+    def build_header(self) -> dict[str, str]:
+        """What each process built from the shared config, which must come out the same everywhere:
+        the factor layout, the graph of round 0 and every client's share of the data."""
+        layout = [(s.name, s.shape) for s in self.layout.a + self.layout.b + self.layout.head]
+        edges = sorted(sorted((int(u), int(v))) for u, v in self.topology.graph_at(0).edges())
+        shares = [(len(self.data.clients[c].train), len(self.data.clients[c].local_test)) for c in self.clients]
+        return {"factor layout": f"{self.layout.numel} values, {digest(layout)}",
+                "graph of round 0": f"{len(edges)} edges, {digest(edges)}",
+                "data split": f"{sum(n for n, _ in shares)} training examples, {digest(shares)}"}
+
+    def present_at(self, round: int) -> np.ndarray:
+        """Which peers take part in the round (all but for participation < 1; the hub always)."""
+        hub = [0] if self.topology.server else []
+        return present_peers(self.config.seed, round, self.config.peers, self.config.participation, hub)
 
     def steps_at(self, round: int) -> list[np.ndarray]:
-        """The round's mixing steps: those computed once for a static graph, else drawn for the round."""
-        return self.static_steps or self.mixing_steps(round)
+        """The round's mixing steps among the peers present: computed once for a static graph with
+        everyone present, else built for the round."""
+        steps = self.static_steps or self.mixing_steps(round)
+        present = self.present_at(round)
+        return steps if present.all() else [restrict(W, present) for W in steps]
 
     def mixing_steps(self, round: int) -> list[np.ndarray]:
         """The mixing matrices of a round: one gossip step, or the server's up and down steps."""
@@ -145,13 +184,15 @@ class Experiment:
     # ------------------------------------------------------------------ round loop
     def run(self) -> dict:
         rank0 = self.runtime.rank == 0
-        first, earlier_seconds = self.restore() if self.config.resume else (0, 0.0)
-        writer = self.start_outputs(first) if rank0 else None
+        plan = self.plan_start()
+        self.restore(plan)
+        self.all_arrive("reading the checkpoint")  # process 0 rewrites out only once everyone has read it
+        writer = outputs.prepare(self.config, self.topology_record(), plan.first_round) if rank0 else None
         self.all_arrive("preparing the output folder")  # nobody writes into out before it is ready
-        start = time.perf_counter() - earlier_seconds
+        start = time.perf_counter() - plan.elapsed_s
         last: dict = {}
         try:
-            for round in range(first, self.config.rounds):
+            for round in range(plan.first_round, self.config.rounds):
                 clock = RoundClock()
                 sent = self.train_and_align(round, clock)
                 evaluate_now = (round + 1) % self.config.eval.every == 0 or round == self.config.rounds - 1
@@ -172,13 +213,36 @@ class Experiment:
         finally:
             if writer is not None:
                 writer.close()
-        summary = self.finish(last, time.perf_counter() - start)
-        return summary
+        if plan.first_round == self.config.rounds and rank0:
+            print(f"the run in {self.out} had finished all {self.config.rounds} rounds; its adapters and summary "
+                  "were written again from its last checkpoint", flush=True)
+        return self.finish(last or outputs.last_record(self.out), time.perf_counter() - start)
+
+    def plan_start(self) -> StartPlan:
+        """Process 0 reads ``out`` and decides how the run starts; every process follows its answer
+        (errors included), so no process can see the folder change under another."""
+        decision: StartPlan | str | None = None
+        if self.runtime.rank == 0:
+            try:
+                decision = outputs.plan_start(self.config)
+            except ConfigError as exc:
+                decision = str(exc)
+        if self.runtime.distributed:
+            box = [decision]
+            with self.collective("sharing how the run starts"):
+                dist.broadcast_object_list(box, src=0)
+            decision = box[0]
+        if isinstance(decision, str):
+            raise ConfigError(decision)
+        return decision
 
     def train_and_align(self, round: int, clock: RoundClock) -> int:
         """Local steps then the method's pre-send hook on every hosted client; returns bytes of the round."""
         trained = self.method.trained_parts(round)
+        present = self.present_at(round)
         for peer, trainer in self.trainers.items():
+            if not present[peer] and not self.method.pooled_data:
+                continue  # an absent peer neither trains nor mixes this round
             state = self.states[peer]
             if self.method.needs_reference:
                 state.reference = state.flat.detach().clone()
@@ -220,12 +284,23 @@ class Experiment:
             since = time.perf_counter()
             payloads = {p: self.method.pack(self.states[p], round, k, self.layout.extract(self.states[p].flat, parts))
                         for p in local}
-            mixes = collect_mix_inputs(self.transport, W, payloads, step=f"round {round} step {k}",
-                                       numel_of=lambda src: self.method.payload_numel(round, k, src))
+            mixes, dropped = collect_mix_inputs(
+                self.transport, W, payloads, step=f"round {round} step {k}",
+                numel_of=lambda src: self.method.payload_numel(round, k, src),
+                outgoing=self.drill(payloads, round), rules=self.rules, tag=(round, k))
+            self.dropped += [bad.as_record(round) for bad in dropped]
             updates = {i: self.method.combine(self.states[i], round, inputs) for i, inputs in mixes.items()}
             for i, value in updates.items():
                 self.layout.insert(self.states[i].flat, parts, value)
             clock.add("exchange", since)
+
+    def drill(self, payloads: dict[int, torch.Tensor], round: int) -> dict[int, torch.Tensor]:
+        """What the hosted peers send: their payloads, one corrupted if ``comm.inject_fault`` says so."""
+        fault = self.config.comm.inject_fault
+        if not fault or fault["round"] != round or fault["peer"] not in payloads:
+            return payloads
+        bad = corrupted(payloads[fault["peer"]], fault["kind"], self.config.comm.max_norm_ratio)
+        return {**payloads, fault["peer"]: bad}
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_due(self, round: int) -> bool:
@@ -245,9 +320,11 @@ class Experiment:
             meta = {"bytes_total": self.bytes_total, "elapsed_s": elapsed, "config": self.config.to_dict()}
             checkpoint.commit(self.out, round, meta)
 
-    def restore(self) -> tuple[int, float]:
-        """Load the checkpoint in ``out``; returns the first round to run and the seconds already spent."""
-        found = checkpoint.find(self.out, self.config.to_dict())
+    def restore(self, plan: StartPlan) -> None:
+        """Load the planned checkpoint, if any: every hosted peer's buffer and optimizer state."""
+        found = plan.checkpoint
+        if found is None:
+            return
         for peer in self.placement.local_peers:
             self.states[peer].flat.copy_(found.peer(peer)["flat"])
         for peer, trainer in self.trainers.items():
@@ -255,8 +332,7 @@ class Experiment:
             source = self.clients[0] if self.method.pooled_data else peer
             checkpoint.load_optimizer_tensors(trainer.optimizer, found.peer(source))
         self.method.load_state_tensors(found.shared())
-        self.bytes_total = found.meta["bytes_total"]
-        return found.round + 1, found.meta["elapsed_s"]
+        self.bytes_total = plan.bytes_total
 
     # ------------------------------------------------------------------ metrics
     def evaluate_round(self, round: int, clock: RoundClock, before_mixing: dict[int, torch.Tensor] | None,
@@ -273,7 +349,8 @@ class Experiment:
             shared = evaluate(self.models, peer, self.data.test, batch, precision)
             own = evaluate(self.models, peer, self.data.clients[peer].local_test, batch, precision)
             local_results[peer] = (shared.accuracy, shared.loss, own.accuracy, own.loss)
-        results = self.gather_objects(local_results)
+        results = self.gather_objects((local_results, self.dropped))
+        self.dropped = []
         flats = self.gather_flats()
         if self.runtime.rank == 0:
             errors = self.aggregation_errors(round, before_mixing, flats)
@@ -282,11 +359,12 @@ class Experiment:
         if self.runtime.rank != 0:
             return {}
         per_peer: dict[int, tuple] = {}
-        for peer_results in results:
+        dropped: list[dict] = []
+        for peer_results, process_dropped in results:
             per_peer.update(peer_results)
+            dropped += process_dropped
         order = sorted(per_peer)
         accuracy = [per_peer[p][0] for p in order]
-        self.last_flats = flats
         mean_loss = float(np.mean([per_peer[p][1] for p in order]))
         record = {
             "round": round,
@@ -304,6 +382,8 @@ class Experiment:
             "aggregation_error_rel": errors[1],
             "bytes_sent": sent,
             "bytes_sent_total": self.bytes_total,
+            "absent": np.flatnonzero(~self.present_at(round)).tolist(),
+            "dropped": sorted(dropped, key=lambda d: (d["round"], d["receiver"], d["sender"])),
             "seconds": {k: round_float(v) for k, v in seconds.items()},
         }
         if self.models.task == CAUSAL_LM:
@@ -326,7 +406,7 @@ class Experiment:
         if not self.runtime.distributed:
             return
         timeout = self.config.comm.timeout_s
-        with collective(what, timeout):
+        with collective(what, timeout, self.name, self.runtime.heartbeat):
             if self.runtime.backend == "gloo":
                 dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout), wait_all_ranks=True)
             else:
@@ -335,9 +415,8 @@ class Experiment:
     def gather_objects(self, obj) -> list:
         if not self.runtime.distributed:
             return [obj]
-        self.all_arrive("evaluating")
         out = [None] * self.runtime.world if self.runtime.rank == 0 else None
-        with collective("gathering evaluation results", self.config.comm.timeout_s):
+        with self.collective("gathering evaluation results"):
             dist.gather_object(obj, out, dst=0)
         return out or []
 
@@ -348,37 +427,31 @@ class Experiment:
             chunks = [local]
         else:
             chunks = [torch.empty_like(local) for _ in range(self.runtime.world)] if self.runtime.rank == 0 else None
-            with collective("gathering factors for the metrics", self.config.comm.timeout_s):
+            with self.collective("gathering factors for the metrics"):
                 dist.gather(local, chunks, dst=0)
         if self.runtime.rank != 0:
             return {}
         stacked = torch.cat(chunks)
         return {p: stacked[p] for p in range(self.config.peers)}
 
+    @contextlib.contextmanager
+    def collective(self, what: str) -> Iterator[None]:
+        """A collective preceded by a monitored barrier: a process that died or hangs before it is
+        then named (a plain gather or all-reduce cannot tell who broke it)."""
+        self.all_arrive(what)
+        with collective(what, self.config.comm.timeout_s, self.name, self.runtime.heartbeat):
+            yield
+
     def max_over_processes(self, seconds: dict[str, float]) -> dict[str, float]:
         """The slowest process sets the pace, so report its time per phase."""
         if not self.runtime.distributed:
             return dict(seconds)
         values = torch.tensor(list(seconds.values()), dtype=torch.float64, device=self.runtime.wire_device)
-        with collective("combining timings", self.config.comm.timeout_s):
+        with self.collective("combining timings"):
             dist.all_reduce(values, op=dist.ReduceOp.MAX)
         return dict(zip(seconds, values.tolist()))
 
     # ------------------------------------------------------------------ outputs
-    def start_outputs(self, first: int) -> JsonlWriter:
-        """Fresh outputs, or, when resuming at round ``first``, the metrics of the rounds before it."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, self.out / "config.yaml")
-        atomic_write_json(self.out / "topology.json", self.topology_record())
-        metrics = self.out / "metrics.jsonl"
-        if first == 0:  # a fresh run replaces an earlier run's outputs, so that none outlive it
-            for folder in (checkpoint.folder_of(self.out), self.out / ADAPTERS):
-                shutil.rmtree(folder, ignore_errors=True)
-            return JsonlWriter(metrics)
-        kept = [record for record in read_jsonl(metrics) if record["round"] < first] if metrics.is_file() else []
-        atomic_write_text(metrics, "".join(to_json(record) + "\n" for record in kept))
-        return JsonlWriter(metrics, append=True)
-
     def topology_record(self) -> dict:
         """Graph, mixing steps and spectral numbers of round 0 (all rounds, for static graphs).
 
@@ -404,15 +477,16 @@ class Experiment:
 
     def finish(self, last: dict, wall: float) -> dict:
         """Save every adapter (each process its own peers), then the summary on process 0."""
-        adapters = self.out / ADAPTERS
+        adapters = self.out / outputs.ADAPTERS
         save_peer_adapters(self.models, [p for p in self.placement.local_peers if not self.is_server(p)], adapters)
+        flats = self.gather_flats()
         if self.runtime.rank == 0:
-            save_consensus_adapter(self.models, [self.last_flats[c] for c in self.clients], adapters)
+            save_consensus_adapter(self.models, [flats[c] for c in self.clients], adapters)
             if state := self.method.state_tensors():
                 checkpoint.save_tensors(adapters / "method_state.safetensors", state)
         wire = torch.tensor([self.transport.wire_bytes], dtype=torch.float64, device=self.runtime.wire_device)
         if self.runtime.distributed:
-            with collective("summing wire bytes", self.config.comm.timeout_s):
+            with self.collective("summing wire bytes"):
                 dist.all_reduce(wire)
         if self.runtime.rank != 0:
             return {}
@@ -432,7 +506,7 @@ class Experiment:
             "final_consensus_distance": last.get("consensus_distance"),
             "wall_time_s": round_float(wall),
         }
-        atomic_write_json(self.out / "summary.json", summary)
+        atomic_write_json(self.out / outputs.SUMMARY, summary)
         return summary
 
 

@@ -7,15 +7,19 @@ drawn from ``seed`` (and the round, for time-varying schedules) and never from g
 from __future__ import annotations
 
 import inspect
+import logging
+import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TextIO
 
 import networkx as nx
 import numpy as np
 import yaml
+from scipy import sparse
 
 from .errors import ConfigError
 from .io import atomic_write_png
@@ -40,6 +44,15 @@ GRAPH_READERS: dict[str, Callable[[str], nx.Graph]] = {
 }
 YAML_SUFFIXES = (".yaml", ".yml")
 ENTRY_KEYS = ("description", "generator", "params", "server")
+# networkx keeps about 260 bytes per edge: the complete graph on 4,472 peers (10 million edges) takes
+# 2.6 GB and ~16 s to build and describe, so larger catalogue graphs are refused before anything is built.
+MAX_EDGES = 10_000_000
+NOTICE_EDGES = 1_000_000  # building a graph this large takes seconds: say so first
+DIAMETER_WORK_LIMIT = 5_000_000  # nodes x edges: all-pairs BFS for the diameter, about a second at this size
+DRAW_MAX_PEERS = 1_000  # a drawing of more peers is unreadable and slow
+DRAW_MAX_EDGES = 100_000  # matplotlib draws about 30,000 edges a second
+
+log = logging.getLogger(__name__)
 
 
 class TopologyError(ConfigError):
@@ -215,6 +228,63 @@ BUILDERS: dict[str, _Builder] = {
 }
 
 
+# Edge counts known from (peers, params) before building, by generator name (catalogue and YAML alike).
+EDGE_ESTIMATES: dict[str, Callable[[int, Mapping], float]] = {
+    "complete_graph": lambda n, params: n * (n - 1) / 2,
+    "cycle_graph": lambda n, params: n,
+    "path_graph": lambda n, params: n - 1,
+    "star": lambda n, params: n - 1,
+    "torus": lambda n, params: 2 * n,
+    "exponential": lambda n, params: n * (n - 1).bit_length(),
+    "erdos_renyi": lambda n, params: params["p"] * n * (n - 1) / 2,
+    "random_regular": lambda n, params: n * params["d"] / 2,
+    "connected_watts_strogatz_graph": lambda n, params: n * (params["k"] // 2),
+    "watts_strogatz_graph": lambda n, params: n * (params["k"] // 2),
+    "random_matching": lambda n, params: n / 2,
+    "one_peer_exponential": lambda n, params: n,
+}
+
+
+def estimated_edges(generator: str, peers: int, params: Mapping) -> float | None:
+    """The edge count ``generator`` would produce, or None when it cannot be told without building."""
+    estimate = EDGE_ESTIMATES.get(generator)
+    try:
+        return float(estimate(peers, params)) if estimate else None
+    except (KeyError, TypeError, ValueError):  # a malformed parameter: the generator itself reports it
+        return None
+
+
+def _check_size(name: str, generator: str, peers: int, params: Mapping) -> None:
+    """Refuse a graph over MAX_EDGES before building it; announce a large one (it takes seconds)."""
+    edges = estimated_edges(generator, peers, params)
+    if edges is None or not math.isfinite(edges):  # unknown, or a bad parameter the generator will name
+        return
+    if edges > MAX_EDGES:
+        raise TopologyError(
+            f"topology '{name}' with {peers} peers would have about {edges:,.0f} edges, over the limit of "
+            f"{MAX_EDGES:,} (topology.MAX_EDGES); use fewer peers or a sparser graph "
+            "(ring, torus, small_world, random_regular, or a smaller p, k or d)"
+        )
+    if edges >= NOTICE_EDGES:
+        log.info("building %s on %d peers (~%.1f M edges)...", name, peers, edges / 1e6)
+
+
+@contextmanager
+def progress_to(stream: TextIO) -> Iterator[None]:
+    """While active, write the notes on slow steps (large graphs, sparse eigensolvers) to ``stream``."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("p2p-fedrot: %(message)s"))
+    logger = logging.getLogger("p2p_fedrot")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 # ---------------------------------------------------------------- resolving a spec
 
 
@@ -341,7 +411,18 @@ def _call(
         raise TopologyError(f"topology '{name}' with {peers} peers and params {params} failed: {exc}") from exc
     if not isinstance(graph, nx.Graph):
         raise TopologyError(f"topology '{name}': generator {function.__name__} does not return a graph")
-    return _relabel(graph, peers, f"topology '{name}'")
+    return graph if _is_canonical(graph, peers) else _relabel(graph, peers, f"topology '{name}'")
+
+
+def _is_canonical(graph: nx.Graph, peers: int) -> bool:
+    """A generator's fresh simple graph on the ints 0..peers-1 in order, which needs no relabelled copy
+    (for millions of edges the copy costs as much as the generator)."""
+    return (
+        type(graph) is nx.Graph
+        and graph.number_of_nodes() == peers
+        and all(type(node) is int and node == rank for rank, node in enumerate(graph))
+        and nx.number_of_selfloops(graph) == 0
+    )
 
 
 def _from_entry(
@@ -350,6 +431,7 @@ def _from_entry(
     """Build a catalogue or YAML entry, with ``overrides`` replacing its params."""
     function, static, size_argument = _generator(str(entry["generator"]))
     params = _resolve_params(name, function, size_argument, {**(entry.get("params") or {}), **overrides})
+    _check_size(name, str(entry["generator"]), peers, params)
     if not static:
         def schedule(round: int) -> nx.Graph:
             return _call(name, function, None, peers, seed, params, round=round)
@@ -410,32 +492,61 @@ def build_topology(spec: Any, peers: int, seed: int, allow_disconnected: bool = 
 # ---------------------------------------------------------------- reporting
 
 
-def topology_stats(graph: nx.Graph, W: np.ndarray) -> dict:
-    """Size, degrees, diameter and the spectral numbers of W, as plain JSON-ready values."""
+def topology_stats(graph: nx.Graph, W: np.ndarray | sparse.sparray) -> dict:
+    """Size, degrees, diameter and the spectral numbers of W (dense or sparse), as plain JSON-ready values.
+
+    A statistic too costly for the graph's size (the diameter) or that the eigensolver could not
+    settle (rho) is null, with the reason under "skipped" (a key present only then).
+    """
     n = graph.number_of_nodes()
     if n == 0 or np.shape(W) != (n, n):
         raise TopologyError(
             f"topology_stats: need a non-empty graph and an N x N mixing matrix, "
             f"got {n} nodes and W of shape {np.shape(W)}"
         )
+    edges = graph.number_of_edges()
     degrees = [degree for _, degree in graph.degree()]
     connected = nx.is_connected(graph)
+    skipped: dict[str, str] = {}
+    diameter = None
+    if connected and n * edges > DIAMETER_WORK_LIMIT:
+        skipped["diameter"] = (
+            f"all-pairs BFS over {n} nodes x {edges} edges is above {DIAMETER_WORK_LIMIT:,} steps "
+            "(topology.DIAMETER_WORK_LIMIT)"
+        )
+    elif connected:
+        diameter = nx.diameter(graph)
     rho = second_eigenvalue_modulus(W)
-    return {
+    known = math.isfinite(rho)
+    if not known:
+        skipped["rho"] = "the sparse eigensolver did not converge, so rho and spectral_gap are unknown"
+    stats = {
         "nodes": n,
-        "edges": graph.number_of_edges(),
+        "edges": edges,
         "connected": connected,
         "degree_min": int(min(degrees)),
         "degree_max": int(max(degrees)),
-        "diameter": nx.diameter(graph) if connected else None,
-        "rho": rho,
-        "spectral_gap": 1.0 - rho,
+        "diameter": diameter,
+        "rho": rho if known else None,
+        "spectral_gap": 1.0 - rho if known else None,
         "doubly_stochastic": is_doubly_stochastic(W),
     }
+    return {**stats, "skipped": skipped} if skipped else stats
+
+
+def check_drawable(graph: nx.Graph) -> None:
+    """Refuse a graph too large to draw legibly in seconds, before any other work is spent on it."""
+    peers, edges = graph.number_of_nodes(), graph.number_of_edges()
+    if peers > DRAW_MAX_PEERS or edges > DRAW_MAX_EDGES:
+        raise TopologyError(
+            f"cannot draw a graph of {peers} peers and {edges} edges: drawings are limited to "
+            f"{DRAW_MAX_PEERS:,} peers and {DRAW_MAX_EDGES:,} edges; leave out --png or use fewer peers"
+        )
 
 
 def draw_topology(graph: nx.Graph, path: str | os.PathLike, title: str = "") -> None:
     """Save a PNG of the graph on a circle (deterministic layout), written atomically."""
+    check_drawable(graph)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -81,7 +81,10 @@ class PeerTrainer:
         for part, params in self.parts.items():
             for p in params:
                 p.requires_grad_(part in trained_parts)
-        trainable = [p for part in trained_parts for p in self.parts[part]]
+        # Walk the parts in the layout's fixed order, never in the set's: a set of strings iterates
+        # in an order that changes with each process's hash seed, and the clipping norm sums over
+        # this list, so its float rounding (and every later round) would differ from run to run.
+        trainable = [p for part, params in self.parts.items() if part in trained_parts for p in params]
         models.model.train()
         torch.manual_seed(derive_seed(self.seed, "dropout", self.stream, round))
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "batches", self.stream, round))

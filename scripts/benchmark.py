@@ -35,7 +35,8 @@ from p2p_fedrot.gossip import collect_mix_inputs, routes_of
 from p2p_fedrot.mixing import mixing_matrix
 from p2p_fedrot.model import build_peer_models
 from p2p_fedrot.topology import build_topology
-from p2p_fedrot.transport import Placement, Transport, init_runtime
+from p2p_fedrot.runtime import init_runtime
+from p2p_fedrot.transport import Placement, Transport
 
 # (label, modules, r, d_in, d_out): LoRA on query/value of the packaged MiniLM, and on q/v of a
 # 30-layer decoder of SmolLM2-135M's widths (v is narrower there, but the SVDs are r x r either way).
@@ -89,7 +90,7 @@ def _exchange_worker(rank: int, world: int, port: int, topology: str, repeats: i
     torch.set_num_threads(1)
     runtime = init_runtime("gloo", timeout_s=120)
     placement = Placement(EXCHANGE_PEERS, world, rank)
-    transport = Transport(placement, runtime.device, 120, fingerprint=1)
+    transport = Transport(placement, runtime.device, 120)
     W = mixing_matrix(build_topology(topology, EXCHANGE_PEERS, seed=0).graph_at(0))
     routes = routes_of(W)
     payloads = {p: torch.randn(EXCHANGE_NUMEL) for p in placement.local_peers}

@@ -11,7 +11,7 @@ import pytest
 
 from p2p_fedrot.config import load_config
 from p2p_fedrot.runner import Experiment
-from p2p_fedrot.transport import init_runtime
+from p2p_fedrot.runtime import init_runtime
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

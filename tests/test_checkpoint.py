@@ -14,7 +14,7 @@ from p2p_fedrot import checkpoint
 from p2p_fedrot.config import load_config
 from p2p_fedrot.errors import ConfigError
 from p2p_fedrot.runner import Experiment
-from p2p_fedrot.transport import init_runtime
+from p2p_fedrot.runtime import init_runtime
 
 from test_runner import COMPARED, TOY, cli, read_metrics
 
@@ -89,10 +89,14 @@ def test_resume_refuses_a_different_run(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no checkpoint"):
         run(tmp_path, "rounds=3", "resume=true")
     run(tmp_path, "rounds=2")
-    with pytest.raises(ConfigError, match=r"'train\.lr' is 0\.5 but the checkpointed run used"):
-        run(tmp_path, "rounds=3", "resume=true", "train.lr=0.5")
-    with pytest.raises(ConfigError, match="already finished 2 rounds; set rounds above 2"):
-        run(tmp_path, "rounds=2", "resume=true")
+    for resume in ("true", "auto"):
+        with pytest.raises(ConfigError, match=r"belong to another run \(train\.lr is 0\.5 here but 0\.2 there\); "
+                                              r"use another out, or --overwrite to replace them"):
+            run(tmp_path, "rounds=3", f"resume={resume}", "train.lr=0.5")
+    with pytest.raises(ConfigError, match="already finished 2 rounds, more than rounds=1; set rounds to at least 2"):
+        run(tmp_path, "rounds=1")
+    with pytest.raises(ConfigError, match="holds this run's checkpoint after round 2 and resume is false"):
+        run(tmp_path, "rounds=3", "resume=false")
 
 
 def test_a_damaged_checkpoint_is_named(tmp_path: Path) -> None:
@@ -106,9 +110,28 @@ def test_a_damaged_checkpoint_is_named(tmp_path: Path) -> None:
         run(tmp_path, "rounds=3", "resume=true")
 
 
-def test_a_fresh_run_replaces_the_outputs_of_an_earlier_one(tmp_path: Path) -> None:
+def test_a_finished_run_is_not_computed_again(tmp_path: Path) -> None:
+    """Re-running a finished command rewrites its adapters and summary from the checkpoint, bit for bit."""
+    run(tmp_path, "rounds=3")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    adapter = (tmp_path / "adapters" / "peer_002" / "adapter_model.safetensors").read_bytes()
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "summary.json").unlink()  # as if the first run had died while saving its outputs
+    again = run(tmp_path, "rounds=3")
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+    assert (tmp_path / "adapters" / "peer_002" / "adapter_model.safetensors").read_bytes() == adapter
+    rewritten = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("final_mean_accuracy", "final_min_accuracy", "bytes_sent_total", "payload_bytes"):
+        assert rewritten[key] == summary[key], key
+    assert again.states[2].flat.equal(load_file(checkpoint.latest(tmp_path).folder / "peer_002.safetensors")["flat"])
+
+
+def test_outputs_of_another_run_are_replaced_only_when_asked(tmp_path: Path) -> None:
     run(tmp_path, "rounds=2", "peers=12")
-    run(tmp_path, "rounds=2", "peers=8")
+    with pytest.raises(ConfigError, match=r"belong to another run \(peers is 8 here but 12 there\)"):
+        run(tmp_path, "rounds=2", "peers=8")
+    assert len(list((tmp_path / "adapters").iterdir())) == 13  # nothing was touched
+    run(tmp_path, "rounds=2", "peers=8", "overwrite=true")
     assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["consensus", *(f"peer_{p:03d}" for p in range(8))]
     kept = checkpoint.folder_of(tmp_path) / "round_0001"
     assert sorted(p.name for p in kept.iterdir()) == [f"peer_{p:03d}.safetensors" for p in range(8)]

@@ -15,7 +15,8 @@ from p2p_fedrot.errors import PeerError
 from p2p_fedrot.gossip import collect_mix_inputs, weighted_sum
 from p2p_fedrot.mixing import mixing_matrix, server_mixing_steps
 from p2p_fedrot.topology import build_topology
-from p2p_fedrot.transport import Placement, Runtime, Transport, init_runtime
+from p2p_fedrot.runtime import Runtime, agree, init_runtime
+from p2p_fedrot.transport import Placement, Transport
 
 PEERS = 8
 GRAPHS = {
@@ -32,10 +33,10 @@ def mix_worker(rank: int, world: int, steps: list[np.ndarray], X: np.ndarray) ->
     """Apply the mixing steps to X on this rank's peers; return their final vectors and wire bytes."""
     runtime = init_runtime("gloo", timeout_s=30)
     placement = Placement(PEERS, world, rank)
-    transport = Transport(placement, runtime.device, timeout_s=30, fingerprint=1234)
+    transport = Transport(placement, runtime.device, timeout_s=30)
     values = {p: torch.tensor(X[p]) for p in placement.local_peers}
     for k, W in enumerate(steps):
-        inputs = collect_mix_inputs(transport, W, values, step=f"step {k}")
+        inputs, _ = collect_mix_inputs(transport, W, values, step=f"step {k}", tag=(0, k))
         values.update({i: weighted_sum(pairs) for i, pairs in inputs.items()})
     return {"values": {p: v.numpy() for p, v in values.items()}, "wire_bytes": transport.wire_bytes}
 
@@ -64,8 +65,9 @@ def test_messages_are_one_per_process_pair() -> None:
     """On a ring over 2 processes, each process sends one message holding its two boundary peers."""
     W = mixing_matrix(GRAPHS["ring"])
     _, wire = run_mix([W], known_vectors(), 2)
-    # process 0 hosts 0-3: peers 0 and 3 border process 1 (peers 7 and 4) -> 2 payloads of 5 floats
-    assert wire == [2 * 5 * 4, 2 * 5 * 4]
+    # process 0 hosts 0-3: peers 0 and 3 border process 1 (peers 7 and 4) -> 2 payloads of 5 floats,
+    # after a header of 4 + 2 int64 (magic, round, step, count, one size per payload)
+    assert wire == [2 * 5 * 4 + 6 * 8] * 2
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -82,8 +84,16 @@ def misbehaving_worker(rank: int, world: int, mode: str) -> dict | None:
     """Rank 1 misbehaves (stays silent, dies, or runs another config); rank 0 must fail fast and clearly."""
     runtime = init_runtime("gloo", timeout_s=60)
     placement = Placement(4, world, rank)
-    fingerprint = 99 if (mode == "mismatch" and rank == 1) else 1
-    transport = Transport(placement, runtime.device, timeout_s=3, fingerprint=fingerprint)
+    transport = Transport(placement, runtime.device, timeout_s=3)
+    if mode == "mismatch":
+        start = time.monotonic()
+        header = {"train.lr": "0.5" if rank == 1 else "0.1", "seed": "0"}
+        try:
+            agree(runtime, header, "the configuration", 30, placement.process_name)
+            outcome = "no error"
+        except PeerError as exc:
+            outcome = str(exc)
+        return {"outcome": outcome, "elapsed": time.monotonic() - start}
     if rank == 1 and mode == "silent":
         time.sleep(6)  # longer than the 3 s deadline of rank 0
         return None
@@ -111,9 +121,9 @@ def test_absent_or_killed_peer_ends_with_clear_error_within_timeout(mode: str) -
 
 def test_config_mismatch_fails_fast_on_both_sides() -> None:
     results = spawn_ranks(misbehaving_worker, 2, "mismatch", timeout=60)
-    for rank, other in ((0, 1), (1, 0)):
-        assert "different configuration" in results[rank]["outcome"]
-        assert f"process {other}" in results[rank]["outcome"]
+    for rank in (0, 1):
+        assert results[rank]["outcome"].startswith("process 1 (peers 2-3) disagrees with process 0 on the configuration: "
+                                                   "train.lr: '0.5' there, '0.1' on process 0"), results[rank]
         assert results[rank]["elapsed"] < 3
 
 

@@ -13,7 +13,7 @@ from p2p_fedrot.config import load_config
 from p2p_fedrot.errors import ConfigError
 from p2p_fedrot.methods.decaf import truncated_product_svd
 from p2p_fedrot.runner import Experiment, RoundClock
-from p2p_fedrot.transport import init_runtime
+from p2p_fedrot.runtime import init_runtime
 
 TOY = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
 

@@ -1,15 +1,20 @@
+import logging
 import warnings
 
 import networkx as nx
 import numpy as np
 import pytest
+from scipy import sparse
 
+from p2p_fedrot import mixing
 from p2p_fedrot.mixing import (
+    DENSE_SPECTRAL_LIMIT,
     SCHEMES,
     MixingError,
     is_doubly_stochastic,
     is_symmetric,
     mixing_matrix,
+    mixing_matrix_sparse,
     second_eigenvalue_modulus,
     server_mixing_steps,
     spectral_gap,
@@ -112,3 +117,81 @@ def test_errors_are_clear() -> None:
     with pytest.raises(MixingError, match="square"):
         spectral_gap(np.ones((2, 3)))
     assert SCHEMES == ("metropolis", "uniform", "max_degree")
+
+
+# ---------------------------------------------------------------- large graphs: sparse W and ARPACK
+
+
+def dense_rho(W: np.ndarray) -> float:
+    eigenvalues = np.linalg.eigvalsh(W) if np.allclose(W, W.T, rtol=0, atol=1e-12) else np.linalg.eigvals(W)
+    return float(np.sort(np.abs(eigenvalues))[-2])
+
+
+LARGE = {  # just above DENSE_SPECTRAL_LIMIT, so second_eigenvalue_modulus takes the sparse path
+    "ring": nx.cycle_graph(1200),
+    "torus": nx.convert_node_labels_to_integers(nx.grid_2d_graph(30, 40, periodic=True)),
+    "random_regular": nx.random_regular_graph(3, 1200, seed=0),
+}
+
+
+@pytest.fixture
+def small_dense_limit(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Send matrices of more than 100 peers to the sparse solvers, so dense references stay cheap."""
+    monkeypatch.setattr(mixing, "DENSE_SPECTRAL_LIMIT", 100)
+    return 100
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("graph", [nx.path_graph(7), nx.star_graph(5), GRAPHS["erdos_renyi"], nx.empty_graph(3)])
+def test_sparse_mixing_matrix_equals_the_dense_one(graph: nx.Graph, scheme: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # uniform on irregular graphs
+        dense, csr = mixing_matrix(graph, scheme), mixing_matrix_sparse(graph, scheme)
+    assert sparse.issparse(csr) and csr.format == "csr"
+    np.testing.assert_allclose(csr.toarray(), dense, rtol=0, atol=1e-15)
+    assert is_symmetric(csr) == is_symmetric(dense) and is_doubly_stochastic(csr) == is_doubly_stochastic(dense)
+
+
+def test_sparse_mixing_matrix_checks_like_the_dense_one() -> None:
+    with pytest.raises(MixingError, match="metropolis, uniform, max_degree"):
+        mixing_matrix_sparse(nx.cycle_graph(4), "laplacian")
+    with pytest.raises(MixingError, match="0..2"):
+        mixing_matrix_sparse(nx.relabel_nodes(nx.path_graph(3), {0: "a"}))
+    with pytest.warns(UserWarning, match="not doubly stochastic"):
+        mixing_matrix_sparse(GRAPHS["lollipop"], "uniform")
+
+
+@pytest.mark.parametrize("name", LARGE)
+def test_sparse_spectral_path_agrees_with_dense_eigvalsh(name: str, caplog: pytest.LogCaptureFixture) -> None:
+    graph = LARGE[name]
+    assert graph.number_of_nodes() > DENSE_SPECTRAL_LIMIT
+    with caplog.at_level(logging.INFO, logger="p2p_fedrot"):
+        rho = second_eigenvalue_modulus(mixing_matrix_sparse(graph))
+    assert abs(rho - dense_rho(mixing_matrix(graph))) < 1e-8
+    assert "sparse eigensolver" in caplog.text
+    # the ring's top eigenvalues are too clustered for plain Lanczos: it takes the shift-invert fallback
+    assert ("shift-invert" in caplog.text) == (name == "ring")
+
+
+def test_sparse_path_takes_dense_input_and_both_ends_of_the_spectrum(small_dense_limit: int) -> None:
+    W = mixing_matrix(nx.cycle_graph(300))  # a dense array above the limit goes sparse too
+    assert second_eigenvalue_modulus(W) == pytest.approx(dense_rho(W), abs=1e-8)
+    bipartite = nx.to_numpy_array(nx.cycle_graph(300)) / 2  # zero diagonal: eigenvalues 1 and -1
+    assert second_eigenvalue_modulus(sparse.csr_array(bipartite)) == pytest.approx(1.0, abs=1e-12)
+    two_rings = mixing_matrix_sparse(nx.disjoint_union(nx.cycle_graph(150), nx.cycle_graph(200)))
+    assert spectral_gap(two_rings) == pytest.approx(0.0, abs=1e-12)  # eigenvalue 1 twice
+
+
+def test_sparse_path_for_uniform_weights_on_an_irregular_graph(small_dense_limit: int) -> None:
+    for graph in (nx.path_graph(300), nx.connected_watts_strogatz_graph(300, 4, 0.3, seed=1)):
+        with pytest.warns(UserWarning, match="not doubly stochastic"):
+            W = mixing_matrix(graph, "uniform")
+        assert not is_symmetric(W)
+        assert second_eigenvalue_modulus(sparse.csr_array(W)) == pytest.approx(dense_rho(W), abs=1e-8)
+
+
+def test_sparse_solver_that_does_not_converge_gives_nan_and_a_warning() -> None:
+    n = 1200  # a directed ring: eigenvalues (1 + e^(2 pi i k / n)) / 2 crowd the unit circle near 1
+    W = sparse.csr_array(0.5 * sparse.identity(n) + 0.5 * sparse.eye(n, k=1) + 0.5 * sparse.eye(n, k=1 - n))
+    with pytest.warns(UserWarning, match="did not converge on the 1200 x 1200 mixing matrix"):
+        assert np.isnan(second_eigenvalue_modulus(W))

@@ -14,7 +14,7 @@ from p2p_fedrot.config import ModelConfig, load_config
 from p2p_fedrot.errors import ConfigError
 from p2p_fedrot.model import task_of
 from p2p_fedrot.runner import Experiment
-from p2p_fedrot.transport import init_runtime
+from p2p_fedrot.runtime import init_runtime
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

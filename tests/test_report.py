@@ -9,7 +9,7 @@ import pytest
 from p2p_fedrot.cli import main
 from p2p_fedrot.config import load_config
 from p2p_fedrot.runner import Experiment
-from p2p_fedrot.transport import init_runtime
+from p2p_fedrot.runtime import init_runtime
 
 TOY = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -18,9 +18,9 @@ from p2p_fedrot.align import align_modules
 from p2p_fedrot.config import load_config
 from p2p_fedrot.data import build_data
 from p2p_fedrot.model import build_peer_models
-from p2p_fedrot.runner import Experiment
+from p2p_fedrot.runner import Experiment, startup_header
 from p2p_fedrot.training import PeerTrainer
-from p2p_fedrot.transport import init_runtime
+from p2p_fedrot.runtime import init_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "configs" / "toy.yaml")
@@ -147,14 +147,17 @@ def test_server_mode_reproduces_the_federated_algorithm(tmp_path: Path, method: 
         torch.testing.assert_close(experiment.states[peer].flat, expected, rtol=0, atol=2e-6)
 
 
-def test_processes_must_agree_on_every_setting_but_out_threads_and_comm(tmp_path: Path) -> None:
-    def fingerprint(*overrides: str) -> int:
-        return Experiment(load_config(TOY, [f"out={tmp_path}", *overrides]), init_runtime()).fingerprint()
+def test_processes_must_agree_on_every_setting_but_out_threads_and_the_timeout(tmp_path: Path) -> None:
+    def header(*overrides: str) -> dict[str, str]:
+        return startup_header(load_config(TOY, [f"out={tmp_path}", *overrides]))
 
-    reference = fingerprint()
-    assert fingerprint(f"out={tmp_path / 'elsewhere'}", "threads=3", "comm.timeout_s=5") == reference
-    for override in ("train.lr=0.5", "data.alpha=100", "model.lora.alpha=4", "rounds=7", "eval.every=2"):
-        assert fingerprint(override) != reference, override
+    reference = header()
+    assert header(f"out={tmp_path / 'elsewhere'}", "threads=3", "comm.timeout_s=5") == reference
+    assert reference["version of torch"] == torch.__version__
+    for override in ("train.lr=0.5", "data.alpha=100", "model.lora.alpha=4", "rounds=7", "eval.every=2",
+                     "comm.on_bad_payload=drop", "participation=0.5"):
+        key = override.split("=")[0]
+        assert {k for k in reference if header(override)[k] != reference[k]} == {key}, override
 
 
 def test_a_diverging_peer_stops_the_run_with_the_cause(tmp_path: Path) -> None:

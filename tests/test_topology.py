@@ -1,19 +1,25 @@
 import json
+import logging
+import time
 from pathlib import Path
 
 import networkx as nx
 import numpy as np
 import pytest
 import yaml
+from scipy import sparse
 
+from p2p_fedrot import topology as topology_module
 from p2p_fedrot.cli import main
-from p2p_fedrot.mixing import mixing_matrix
+from p2p_fedrot.mixing import mixing_matrix, mixing_matrix_sparse
 from p2p_fedrot.topology import (
     CATALOGUE,
+    MAX_EDGES,
     TopologyError,
     available_topologies,
     build_topology,
     draw_topology,
+    estimated_edges,
     topology_stats,
 )
 
@@ -204,3 +210,80 @@ def test_topology_command_reports_the_server_round_and_refuses_disconnected_grap
     assert code == 0 and json.loads(out)["spectral_gap"] == pytest.approx(1.0)  # exact averaging each round
     code, _, err = topology_cli(capsys, "{name: edges, edges: [[0, 1], [2, 3], [4, 5]]}", "--peers", "6")
     assert code == 2 and "allow_disconnected" in err
+
+
+# ---------------------------------------------------------------- size guards for large graphs
+
+
+def test_too_many_edges_is_refused_before_building(monkeypatch: pytest.MonkeyPatch) -> None:
+    def complete_graph(n, create_using=None):
+        raise AssertionError("the graph must not be built")
+
+    monkeypatch.setattr(nx, "complete_graph", complete_graph)
+    started = time.perf_counter()
+    with pytest.raises(TopologyError, match=r"topology 'complete' with 20000 peers would have about 199,990,000 "
+                                            r"edges, over the limit of 10,000,000 .*fewer peers or a sparser graph"):
+        build_topology("complete", 20000, seed=0)
+    assert time.perf_counter() - started < 1.0
+    with pytest.raises(TopologyError, match="'erdos_renyi' with 8000 peers would have about 19,997,500 edges"):
+        build_topology({"name": "erdos_renyi", "p": 0.625}, 8000, seed=0)
+    assert MAX_EDGES == 10_000_000
+
+
+@pytest.mark.parametrize("name, peers", [("complete", 9), ("ring", 9), ("line", 9), ("star", 9), ("torus", 12),
+                                         ("random_regular", 10), ("small_world", 12), ("random_matching", 10),
+                                         ("one_peer_exponential", 8), ("server", 9)])
+def test_edge_estimates_match_the_built_graphs(name: str, peers: int) -> None:
+    entry = yaml.safe_load((CATALOGUE / f"{name}.yaml").read_text(encoding="utf-8"))
+    topology = build_topology(name, peers, seed=0)
+    assert estimated_edges(entry["generator"], peers, topology.params) == topology.graph_at(0).number_of_edges()
+
+
+def test_edge_estimates_bound_the_exponential_graph_and_skip_unknown_generators() -> None:
+    assert estimated_edges("exponential", 16, {}) >= build_topology("exponential", 16, seed=0).graph_at(0).number_of_edges()
+    assert estimated_edges("erdos_renyi", 100, {"p": "dense"}) is None  # the generator reports bad parameters
+    assert estimated_edges("barabasi_albert_graph", 100, {"m": 2}) is None
+
+
+def test_large_builds_are_announced(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(topology_module, "NOTICE_EDGES", 100)
+    with caplog.at_level(logging.INFO, logger="p2p_fedrot"):
+        build_topology("erdos_renyi", 40, seed=0)
+    assert "building erdos_renyi on 40 peers (~0.0 M edges)..." in caplog.text
+
+
+def test_stats_skip_the_diameter_of_a_large_graph() -> None:
+    graph = build_topology("ring", 3000, seed=0).graph_at(0)
+    stats = topology_stats(graph, mixing_matrix_sparse(graph))
+    assert list(stats) == [*STAT_KEYS, "skipped"] and stats["diameter"] is None
+    assert list(stats["skipped"]) == ["diameter"] and "all-pairs BFS over 3000 nodes" in stats["skipped"]["diameter"]
+    assert stats["rho"] == pytest.approx((1 + 2 * np.cos(2 * np.pi / 3000)) / 3, abs=1e-12)
+    assert stats["doubly_stochastic"] is True
+
+
+def test_stats_report_an_unconverged_rho_as_null() -> None:
+    n = 1200  # a directed ring's W: its eigenvalues crowd the unit circle, so ARPACK gives up
+    W = sparse.csr_array(0.5 * sparse.identity(n) + 0.5 * sparse.eye(n, k=1) + 0.5 * sparse.eye(n, k=1 - n))
+    with pytest.warns(UserWarning, match="did not converge"):
+        stats = topology_stats(nx.cycle_graph(n), W)
+    assert (stats["rho"], stats["spectral_gap"]) == (None, None) and "rho" in stats["skipped"]
+    json.dumps(stats, allow_nan=False)
+
+
+def test_topology_command_on_a_large_ring_prints_valid_json(capsys: pytest.CaptureFixture) -> None:
+    code, out, err = topology_cli(capsys, "ring", "--peers", "5000", "--json")
+    stats = json.loads(out)
+    assert code == 0 and stats["nodes"] == 5000 and stats["diameter"] is None and "diameter" in stats["skipped"]
+    assert stats["spectral_gap"] == pytest.approx(2 / 3 * (1 - np.cos(2 * np.pi / 5000)), rel=1e-6)
+    assert "p2p-fedrot: rho of the 5000 x 5000 mixing matrix with a sparse eigensolver..." in err
+    code, out, _ = topology_cli(capsys, "ring", "--peers", "5000")
+    assert code == 0 and "(diameter skipped: all-pairs BFS over 5000 nodes" in out and "5.264e-07" in out
+
+
+def test_topology_command_fails_fast_on_oversized_requests(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    code, out, err = topology_cli(capsys, "complete", "--peers", "20000", "--json")
+    assert code == 2 and out == "" and "199,990,000 edges" in err and len(err.splitlines()) == 1
+    code, _, err = topology_cli(capsys, "ring", "--peers", "5000", "--png", str(tmp_path / "ring.png"))
+    assert code == 2 and "drawings are limited to 1,000 peers" in err and not (tmp_path / "ring.png").exists()
+    code, _, err = topology_cli(capsys, "server", "--peers", "1001")
+    assert code == 2 and "at most 1,000 peers" in err and "'star'" in err

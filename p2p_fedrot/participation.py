@@ -1,0 +1,38 @@
+"""Partial participation: which peers take part in a round, and the mixing they then do.
+
+Presence is drawn from (seed, round), so every process (and a resumed run) draws the same peers
+without a message. An absent peer neither trains nor mixes; its neighbours mix over the peers
+that are there, their rows of W renormalised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from .seeding import derive_seed
+
+
+def present_peers(seed: int, round: int, peers: int, probability: float, always: Iterable[int] = ()) -> np.ndarray:
+    """Boolean mask of the peers that take part in ``round`` (``always``: e.g. the server's hub)."""
+    if probability >= 1.0:
+        return np.ones(peers, dtype=bool)
+    present = np.random.default_rng(derive_seed(seed, "participation", round)).random(peers) < probability
+    present[list(always)] = True
+    return present
+
+
+def restrict(W: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """W for the present peers only: absent peers keep their value and send nothing; each present
+    row keeps its weights on present peers, rescaled to sum to 1 (a row left with nothing keeps
+    its own value)."""
+    if present.all():
+        return W
+    kept = W * present[None, :]
+    kept[~present] = 0.0
+    sums = kept.sum(axis=1)
+    lonely = sums == 0.0
+    kept[~lonely] /= sums[~lonely, None]
+    kept[lonely, lonely.nonzero()[0]] = 1.0
+    return kept
