@@ -100,7 +100,7 @@ class RunConfig:
     method_args: dict = field(default_factory=dict)
     participation: float = 1.0  # probability that a peer takes part in a round (drawn from seed and round)
     checkpoint_every: int = 0  # rounds between checkpoints in out/checkpoint (0: only after the last round)
-    resume: Union[bool, str] = "auto"  # auto: go on from a matching checkpoint in out | true: must | false: start fresh
+    resume: Union[bool, str] = "auto"  # auto: go on from this run's checkpoint in out | true: require it | false: refuse it
     overwrite: bool = False  # replace another run's outputs in out (otherwise that is an error)
     threads: int | None = None  # torch threads per process; None: cores / local processes
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -253,6 +253,8 @@ def validate(config: RunConfig) -> None:
         (0.0 < config.participation <= 1.0, "participation must be in (0, 1] (the probability that a peer takes "
                                             "part in a round)"),
         (config.resume in (True, False, "auto"), f"resume = {config.resume!r} must be auto, true or false"),
+        (not (config.overwrite and config.resume is True), "resume: true (--resume) and overwrite: true (--overwrite) "
+                                                           "contradict each other; give one of them"),
         *_fault_checks(config),
         (config.data.partition in ("iid", "dirichlet", "shards"), "data.partition must be iid, dirichlet or shards"),
         (config.data.alpha > 0, "data.alpha (Dirichlet concentration) must be positive"),

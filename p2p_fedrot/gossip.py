@@ -68,7 +68,8 @@ def collect_mix_inputs(transport: Transport, W: np.ndarray, payloads: Mapping[in
                 where = transport.placement.process_name(transport.placement.owner(j))
                 raise PeerError(f"{step or 'exchange'}: peer {j} on {where} sent peer {i} a bad payload: {problem}. "
                                 "Set comm.on_bad_payload: drop to mix without it")
-        inputs[i] = renormalised(pairs) if refused else pairs
+        if pairs:  # a row that refused everything (a client adopting a bad hub) keeps its own value
+            inputs[i] = renormalised(pairs) if refused else pairs
     return inputs, dropped
 
 

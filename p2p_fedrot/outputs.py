@@ -20,6 +20,7 @@ from .checkpoint import Checkpoint
 from .config import RunConfig, save_config
 from .errors import ConfigError
 from .io import JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl, to_json
+from .runtime import launch_id
 
 ADAPTERS = "adapters"  # folder of out with every peer's adapter in peft format
 METRICS = "metrics.jsonl"
@@ -47,13 +48,16 @@ class StartPlan:
 def plan_start(config: RunConfig) -> StartPlan:
     """Decide from the files in ``out`` how this run starts (the same answer on every process)."""
     out, wanted = Path(config.out), config.to_dict()
-    if config.overwrite:
-        return StartPlan(0)
     found = checkpoint.latest(out)
+    # torchrun restarts crashed workers with the same arguments: overwrite and resume: false apply to
+    # the launch, not to each restart, which must go on from what this launch has checkpointed
+    restarted = found is not None and launch_id() is not None and found.meta.get("launch") == launch_id()
+    if config.overwrite and not restarted:
+        return StartPlan(0)
     if found is not None:
         _require_same_run(wanted, found.meta["config"], f"the checkpoint in {checkpoint.folder_of(out)}")
         done = found.round + 1
-        if config.resume is False:
+        if config.resume is False and not restarted:
             raise ConfigError(f"{out} holds this run's checkpoint after round {done} and resume is false; set resume: "
                               f"auto (or true) to go on from it, or {WAY_OUT}")
         if done > config.rounds:

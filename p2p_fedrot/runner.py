@@ -27,17 +27,17 @@ from . import checkpoint, methods, outputs
 from .adapters import save_consensus_adapter, save_peer_adapters
 from .config import RunConfig, dotted
 from .data import build_data, pool
-from .errors import ConfigError
+from .errors import ConfigError, P2PFedRotError
 from .factors import FactorLayout
 from .faults import corrupted
 from .gossip import collect_mix_inputs, keeps_own_value, routes_of
 from .io import atomic_write_json
 from .metrics import aggregation_error, consensus_distance
-from .mixing import compose, mixing_matrix, server_mixing_steps, spectral_gap
+from .mixing import DENSE_SPECTRAL_LIMIT, compose, mixing_matrix, server_mixing_steps, spectral_gap
 from .model import CAUSAL_LM, build_peer_models, load_tokenizer, task_of
 from .outputs import StartPlan
 from .participation import present_peers, restrict
-from .runtime import Runtime, agree, collective, init_runtime, plain_process_name
+from .runtime import Runtime, agree, collective, init_runtime, launch_id, plain_process_name
 from .topology import Topology, build_topology, topology_stats
 from .training import PeerTrainer, evaluate
 from .transport import Placement, Transport
@@ -87,7 +87,8 @@ def startup_header(config: RunConfig) -> dict[str, str]:
     return header
 
 
-def digest(value) -> str:
+def digest(value: object) -> str:
+    """A short fingerprint of a JSON-able value, for settings too long to compare by eye."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -108,8 +109,13 @@ class Experiment:
         )
         self.layout: FactorLayout = self.models.layout
         self.static_steps = self.mixing_steps(0) if self.topology.static else None
+        self._steps_round, self._steps = -1, []
         context = methods.MethodContext(self.layout, self.planning_gap(), self.topology.server, self.models.model)
         self.method = methods.make_method(config.method, config.method_args, context)
+        if self.method.changes_base_weights and config.participation < 1:
+            raise ConfigError(f"method {config.method} folds every round's residual into the base weights that all "
+                              "peers of a process share, so every client must take part in every round; set "
+                              "participation: 1")
         self.states = {p: methods.PeerState(p, self.models.flats[p]) for p in local}
         self.local_clients = [p for p in local if not self.is_server(p)]
         self.trainers = self.make_trainers()
@@ -157,12 +163,17 @@ class Experiment:
         hub = [0] if self.topology.server else []
         return present_peers(self.config.seed, round, self.config.peers, self.config.participation, hub)
 
+    def graph_steps(self, round: int) -> list[np.ndarray]:
+        """The round's mixing steps of the whole graph (what methods plan with and topology.json shows)."""
+        return self.static_steps or self.mixing_steps(round)
+
     def steps_at(self, round: int) -> list[np.ndarray]:
-        """The round's mixing steps among the peers present: computed once for a static graph with
-        everyone present, else built for the round."""
-        steps = self.static_steps or self.mixing_steps(round)
-        present = self.present_at(round)
-        return steps if present.all() else [restrict(W, present) for W in steps]
+        """The round's mixing steps among the peers present, built once per round."""
+        if self._steps_round != round:
+            steps, present = self.graph_steps(round), self.present_at(round)
+            self._steps = steps if present.all() else [restrict(W, present) for W in steps]
+            self._steps_round = round
+        return self._steps
 
     def mixing_steps(self, round: int) -> list[np.ndarray]:
         """The mixing matrices of a round: one gossip step, or the server's up and down steps."""
@@ -174,11 +185,12 @@ class Experiment:
         """The spectral gap methods plan with: one round's, or for a time-varying graph that of its
         average round over a window (a single random matching is disconnected; matchings mix)."""
         if self.topology.static:
-            return spectral_gap(self.round_mixing(0))
-        return spectral_gap(np.mean([self.round_mixing(r) for r in range(SCHEDULE_WINDOW)], axis=0))
+            return spectral_gap(compose(self.graph_steps(0)))
+        return spectral_gap(np.mean([compose(self.graph_steps(r)) for r in range(SCHEDULE_WINDOW)], axis=0))
 
     def round_mixing(self, round: int) -> np.ndarray:
-        """One whole round's mixing: the product of its steps (the server's is exact averaging)."""
+        """One whole round's mixing among the peers present: the product of its steps (the server's
+        is exact averaging)."""
         return compose(self.steps_at(round))
 
     # ------------------------------------------------------------------ round loop
@@ -216,7 +228,9 @@ class Experiment:
         if plan.first_round == self.config.rounds and rank0:
             print(f"the run in {self.out} had finished all {self.config.rounds} rounds; its adapters and summary "
                   "were written again from its last checkpoint", flush=True)
-        return self.finish(last or outputs.last_record(self.out), time.perf_counter() - start)
+        if rank0 and not last:
+            last = outputs.last_record(self.out)
+        return self.finish(last, time.perf_counter() - start)
 
     def plan_start(self) -> StartPlan:
         """Process 0 reads ``out`` and decides how the run starts; every process follows its answer
@@ -225,7 +239,7 @@ class Experiment:
         if self.runtime.rank == 0:
             try:
                 decision = outputs.plan_start(self.config)
-            except ConfigError as exc:
+            except (P2PFedRotError, OSError) as exc:  # shared, so that every process stops with it
                 decision = str(exc)
         if self.runtime.distributed:
             box = [decision]
@@ -315,9 +329,12 @@ class Experiment:
             checkpoint.save_peer(folder, peer, self.states[peer].flat, trainer.optimizer if trainer else None)
         if self.runtime.rank == 0:
             checkpoint.save_shared(folder, self.method.state_tensors())
+        # payloads refused since the last record belong to the next one, even after a resume
+        dropped = [d for process_dropped in self.gather_objects(self.dropped) for d in process_dropped]
         self.all_arrive("writing the checkpoint")
         if self.runtime.rank == 0:
-            meta = {"bytes_total": self.bytes_total, "elapsed_s": elapsed, "config": self.config.to_dict()}
+            meta = {"bytes_total": self.bytes_total, "elapsed_s": elapsed, "config": self.config.to_dict(),
+                    "dropped": dropped, "launch": launch_id()}
             checkpoint.commit(self.out, round, meta)
 
     def restore(self, plan: StartPlan) -> None:
@@ -333,6 +350,8 @@ class Experiment:
             checkpoint.load_optimizer_tensors(trainer.optimizer, found.peer(source))
         self.method.load_state_tensors(found.shared())
         self.bytes_total = plan.bytes_total
+        if self.runtime.rank == 0:  # process 0 assembles the records, so it carries the earlier drops
+            self.dropped = list(found.meta.get("dropped", []))
 
     # ------------------------------------------------------------------ metrics
     def evaluate_round(self, round: int, clock: RoundClock, before_mixing: dict[int, torch.Tensor] | None,
@@ -412,7 +431,8 @@ class Experiment:
             else:
                 dist.barrier()
 
-    def gather_objects(self, obj) -> list:
+    def gather_objects(self, obj: object) -> list:
+        """Every process's ``obj`` on process 0, in process order (an empty list elsewhere)."""
         if not self.runtime.distributed:
             return [obj]
         out = [None] * self.runtime.world if self.runtime.rank == 0 else None
@@ -459,7 +479,7 @@ class Experiment:
         server's up-then-down exchange averages exactly, so its gap is 1.
         """
         graph = self.topology.graph_at(0)
-        steps = self.steps_at(0)
+        steps = self.graph_steps(0)
         round_W = compose(steps)
         return {
             "name": self.topology.name,
@@ -469,7 +489,7 @@ class Experiment:
             "params": self.topology.params,
             "mixing": "server (sample-weighted average)" if self.topology.server else self.config.mixing,
             "edges": sorted([sorted((int(u), int(v))) for u, v in graph.edges()]),
-            "W": [W.tolist() for W in steps] if len(steps) > 1 else steps[0].tolist(),
+            **written_mixing(steps),
             "spectral_gap": spectral_gap(round_W),
             "stats": topology_stats(graph, round_W),
             "note": "" if self.topology.static else "time-varying: edges and W are those of round 0",
@@ -508,6 +528,19 @@ class Experiment:
         }
         atomic_write_json(self.out / outputs.SUMMARY, summary)
         return summary
+
+
+def written_mixing(steps: list[np.ndarray]) -> dict:
+    """The round's mixing steps for topology.json: dense rows for small graphs ("W"); above
+    DENSE_SPECTRAL_LIMIT, (i, j, W_ij) of the nonzero entries ("W_entries"), so the file grows with the
+    edges, not with N^2. One matrix, or a list of them for the server's two steps."""
+    if len(steps[0]) <= DENSE_SPECTRAL_LIMIT:
+        written = [W.tolist() for W in steps]
+        key = "W"
+    else:
+        written = [[[int(i), int(j), float(W[i, j])] for i, j in zip(*np.nonzero(W))] for W in steps]
+        key = "W_entries"
+    return {key: written if len(steps) > 1 else written[0]}
 
 
 def round_float(x: float) -> float:

@@ -27,7 +27,8 @@ HEARTBEAT_S = 1.0  # seconds between two heartbeats of a process
 class Heartbeat:
     """Every process bumps its own counter in the group's store once a second. After a collective
     fails without saying who broke it, the counters that stopped moving name the processes that
-    died or hang (a store that cannot be reached names process 0, which hosts it)."""
+    died or were stopped (a store that cannot be reached names process 0, which hosts it). A
+    process stuck in its own code keeps beating: the deadline names that one."""
 
     def __init__(self, store: dist.Store, rank: int, world: int) -> None:
         self.store, self.rank, self.world = store, rank, world
@@ -118,9 +119,9 @@ def collective(what: str, timeout_s: float, name: ProcessNamer = plain_process_n
     except PeerError:
         raise
     except RuntimeError as exc:  # torch's DistBackendError and Gloo / NCCL failures are RuntimeErrors
+        waited = time.monotonic() - since  # before asking the heartbeats, which takes seconds
         named = ranks_named_in(str(exc)) or (heartbeat.silent() if heartbeat else [])
         who = ", ".join(name(r) for r in named) if named else "another process"
-        waited = time.monotonic() - since
         if waited < 0.9 * timeout_s:
             what_happened = f"left the group after {waited:.1f} s: it was killed, crashed or exited"
         else:
@@ -178,6 +179,11 @@ def own_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
                          timeout=timeout)
 
 
+def launch_id() -> str | None:
+    """The torchrun launch this process belongs to (the same across its restarts), if any."""
+    return os.environ.get("TORCHELASTIC_RUN_ID")
+
+
 def torchrun_shares_its_store() -> bool:
     """True under a torchrun agent that hands its workers one TCP store for the whole launch."""
     return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
@@ -190,8 +196,9 @@ def attempt_store(rank: int, world: int, timeout_s: float) -> dist.Store:
     holds the addresses the dead workers published, so a group formed on it dials dead ports
     ("connection refused") until it times out. Process 0 therefore opens a fresh store for every
     attempt and publishes its address with a random token; the others read the address until it
-    answers with that token (a stale one points at a closed port). This works on every node,
-    whatever restart count each node's agent has reached.
+    answers with that token: a stale record points at a closed port, or, if the port has been
+    taken since, at a store without that record's token. This works on every node, whatever
+    restart count each node's agent has reached.
     """
     shared = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
                            timeout=datetime.timedelta(seconds=timeout_s))
@@ -212,7 +219,7 @@ def attempt_store(rank: int, world: int, timeout_s: float) -> dist.Store:
                 if candidate.get("token").decode() == token:
                     candidate.set_timeout(datetime.timedelta(seconds=timeout_s))
                     return candidate
-            except (RuntimeError, dist.DistError):
+            except RuntimeError:  # torch's DistError is one
                 pass  # the port was reused by something else
         if time.monotonic() > deadline:
             raise PeerError(f"process {rank}: process 0 published no reachable store within {timeout_s:g} s; "

@@ -8,8 +8,9 @@ neighbour that stays silent, dies or sends a malformed message ends the run with
 names it.
 
 Each message starts with a small header (magic, round, step, and the size of every payload in
-it), because Gloo accepts a shorter message into a longer receive buffer without a word: the
-receiver reads the sizes the sender declared instead of trusting the buffer.
+it) and always has the length the receiver expects (a short payload is padded): the receiver
+reads the sizes the sender declared instead of trusting the buffer (Gloo would accept a shorter
+message into a longer buffer without a word, and NCCL needs equal lengths on both ends).
 """
 
 from __future__ import annotations
@@ -115,9 +116,13 @@ class Transport:
         for process in sorted(set(send_to) | set(recv_from)):
             if process in send_to:
                 sources = sorted(send_to[process])
-                header = frame_header(tag, [payloads[s].numel() for s in sources], dtype)
-                message = torch.cat([header.to(payloads[sources[0]].device), *(payloads[s] for s in sources)])
-                message = message.to(self.wire_device)
+                sizes = [payloads[s].numel() for s in sources]
+                # a short payload (the truncate drill) is padded to the length the receiver posted:
+                # NCCL needs equal counts on both ends; the header keeps the true sizes
+                padding = max(sum(numel_of(s) for s in sources) - sum(sizes), 0)
+                device = payloads[sources[0]].device
+                message = torch.cat([frame_header(tag, sizes, dtype).to(device), *(payloads[s] for s in sources),
+                                     torch.zeros(padding, dtype=dtype, device=device)]).to(self.wire_device)
                 ops.append(dist.P2POp(dist.isend, message, process))
                 targets.append(process)
                 self.wire_bytes += message.numel() * message.element_size()

@@ -42,12 +42,12 @@ class PayloadScreen:
         self._own_norms: dict[int, float] = {}
 
     def problem(self, sender: int, receiver: int) -> str | None:
-        """Why ``receiver`` must not mix ``sender``'s payload, or None when it may."""
-        if not self.rules.validate:
-            return None
+        """Why ``receiver`` must not mix ``sender``'s payload, or None when it may. The size is
+        always checked (a payload of another size cannot be mixed at all); the values only with
+        ``validate``."""
         if sender not in self._sender_problem:
             self._sender_problem[sender] = self._check_sender(sender)
-        if self._sender_problem[sender]:
+        if self._sender_problem[sender] or not self.rules.validate:
             return self._sender_problem[sender]
         own = _cached_norm(self._own_norms, self.own, receiver)
         theirs = _cached_norm(self._received_norms, self.received, sender)
@@ -61,6 +61,8 @@ class PayloadScreen:
         expected = self.numel_of(sender)
         if payload.numel() != expected:
             return f"it holds {payload.numel()} values where {expected} were expected (truncated or padded)"
+        if not self.rules.validate:
+            return None
         finite = torch.isfinite(payload)
         if not bool(finite.all()):
             nan = int(torch.isnan(payload).sum())

@@ -100,6 +100,16 @@ def test_a_dropped_payload_is_recorded_and_the_neighbours_go_on_without_it(tmp_p
     assert all(all(a == a for a in r["accuracy"]) for r in drilled)  # no NaN reached any peer
 
 
+def test_clients_that_refuse_a_bad_hub_keep_their_own_values(tmp_path: Path) -> None:
+    fault = "comm.inject_fault={peer: 0, round: 1, kind: nan}"
+    result = launch.run(toy_args(tmp_path, *SHORT, "peers=5", "topology=server", "rounds=3", fault,
+                                 "comm.on_bad_payload=drop"))
+    assert result.returncode == 0, result.stderr
+    record = launch.comparable_metrics(tmp_path)[1]
+    assert [(d["sender"], d["receiver"]) for d in record["dropped"]] == [(0, c) for c in range(1, 5)]
+    assert all(a == a for a in record["accuracy"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["fail", "drop"])
 def test_a_truncated_message_across_processes_is_caught(tmp_path: Path, policy: str) -> None:

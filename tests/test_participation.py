@@ -42,3 +42,18 @@ def test_server_mode_averages_the_clients_that_take_part() -> None:
         np.testing.assert_allclose(out[node], fedavg, rtol=0, atol=1e-12)
     for absent in (2, 4):
         np.testing.assert_array_equal(out[absent], X[absent])
+
+
+def test_a_method_that_changes_the_shared_base_weights_needs_every_client(tmp_path) -> None:
+    import pytest
+
+    from p2p_fedrot.config import load_config
+    from p2p_fedrot.errors import ConfigError
+    from p2p_fedrot.runner import Experiment
+    from p2p_fedrot.runtime import init_runtime
+
+    from launch import TOY
+
+    config = load_config(TOY, ["method=fedex", "topology=server", "peers=5", "participation=0.5", f"out={tmp_path}"])
+    with pytest.raises(ConfigError, match="method fedex folds .* set participation: 1"):
+        Experiment(config, init_runtime())

@@ -177,3 +177,20 @@ def test_metrics_are_strict_json_even_without_local_test_splits(tmp_path: Path) 
 
     (record,) = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert record["local_accuracy"] == [None] * 8 and all(a is not None for a in record["accuracy"])
+
+
+def test_topology_json_lists_the_nonzero_weights_of_a_large_graph() -> None:
+    from p2p_fedrot.mixing import mixing_matrix
+    from p2p_fedrot.mixing import DENSE_SPECTRAL_LIMIT
+    from p2p_fedrot.runner import written_mixing
+    from p2p_fedrot.topology import build_topology
+
+    small = mixing_matrix(build_topology("ring", 8, seed=0).graph_at(0))
+    assert written_mixing([small]) == {"W": small.tolist()}
+    large = mixing_matrix(build_topology("ring", DENSE_SPECTRAL_LIMIT + 2, seed=0).graph_at(0))
+    (key, entries), = written_mixing([large]).items()
+    assert key == "W_entries" and len(entries) == 3 * len(large)  # self and two neighbours per peer
+    rebuilt = np.zeros_like(large)
+    for i, j, weight in entries:
+        rebuilt[i, j] = weight
+    np.testing.assert_array_equal(rebuilt, large)

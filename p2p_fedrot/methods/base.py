@@ -54,6 +54,8 @@ class Method:
     # combine re-derives the factors in a new basis each round, so the optimizer's moments, which
     # belong to the old basis, are dropped before local training (train.optimizer_state: method)
     resets_optimizer: ClassVar[bool] = False
+    # changes the frozen base weights that all peers of a process share, so no client may sit a round out
+    changes_base_weights: ClassVar[bool] = False
 
     def __init__(self, args: dict[str, Any], context: MethodContext) -> None:
         unknown = sorted(set(args) - set(self.params))

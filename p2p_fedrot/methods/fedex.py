@@ -24,6 +24,7 @@ HUB = 0
 class FedEx(Method):
     name = "fedex"
     server_only = True
+    changes_base_weights = True
 
     def __init__(self, args: dict, context: MethodContext) -> None:
         super().__init__(args, context)
