@@ -5,6 +5,7 @@ line naming the sender (``fail``) or is left out of that receiver's mix (``drop`
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 from typing import Callable, Mapping
 
 import torch
@@ -63,14 +64,18 @@ class PayloadScreen:
             return f"it holds {payload.numel()} values where {expected} were expected (truncated or padded)"
         if not self.rules.validate:
             return None
-        finite = torch.isfinite(payload)
-        if not bool(finite.all()):
-            nan = int(torch.isnan(payload).sum())
-            return f"{nan} NaN and {payload.numel() - int(finite.sum()) - nan} infinite values"
-        return None
+        # one pass: the norm is finite exactly when every value is (counting them only on failure)
+        if math.isfinite(_cached_norm(self._received_norms, self.received, sender)):
+            return None
+        finite = int(torch.isfinite(payload).sum())
+        if finite == payload.numel():
+            return "its norm overflows float32 (values beyond 1e19)"
+        nan = int(torch.isnan(payload).sum())
+        return f"{nan} NaN and {payload.numel() - finite - nan} infinite values"
 
 
 def _cached_norm(cache: dict[int, float], payloads: Mapping[int, torch.Tensor], peer: int) -> float:
+    """The payload's norm, computed once per step (in its own precision: a screen, not a metric)."""
     if peer not in cache:
-        cache[peer] = float(torch.linalg.vector_norm(payloads[peer].double()))
+        cache[peer] = float(torch.linalg.vector_norm(payloads[peer]))
     return cache[peer]

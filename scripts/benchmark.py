@@ -34,8 +34,8 @@ from p2p_fedrot.config import ModelConfig
 from p2p_fedrot.gossip import collect_mix_inputs, routes_of
 from p2p_fedrot.mixing import mixing_matrix
 from p2p_fedrot.model import build_peer_models
-from p2p_fedrot.topology import build_topology
 from p2p_fedrot.runtime import init_runtime
+from p2p_fedrot.topology import build_topology
 from p2p_fedrot.transport import Placement, Transport
 
 # (label, modules, r, d_in, d_out): LoRA on query/value of the packaged MiniLM, and on q/v of a
