@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from .config import dotted
+from .config import differing, dotted, first_few
 from .errors import ConfigError
 from .io import atomic_write_bytes, atomic_write_json, read_json
 
@@ -80,17 +80,11 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
             if not any(key == free or key.startswith(free + ".") for free in FREE_KEYS)}
 
 
-def differing_keys(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """The settings (dotted keys) in which two run configs differ, the free keys aside."""
+def describe_differences(before: dict[str, Any], now: dict[str, Any]) -> str:
+    """"train.lr is 0.5 here but 0.1 there; ...": how two run configs differ, the free keys aside
+    ("" when they describe the same run)."""
     old, new = comparable(before), comparable(now)
-    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-
-
-def describe_differences(before: dict[str, Any], now: dict[str, Any], keys: list[str]) -> str:
-    """"train.lr is 0.5 here but 0.1 there; ...": the first few differing keys, for an error line."""
-    old, new = comparable(before), comparable(now)
-    shown = "; ".join(f"{k} is {new.get(k)!r} here but {old.get(k)!r} there" for k in keys[:4])
-    return shown + (f" (and {len(keys) - 4} more)" if len(keys) > 4 else "")
+    return first_few([f"{k} is {new.get(k)!r} here but {old.get(k)!r} there" for k in differing(old, new)], 4)
 
 
 def commit(out: Path, round: int, meta: dict[str, Any]) -> None:

@@ -327,6 +327,17 @@ def dotted(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def differing(old: typing.Mapping[str, Any], new: typing.Mapping[str, Any]) -> list[str]:
+    """The keys (sorted) whose values differ between two flat settings maps; a missing key differs."""
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def first_few(items: typing.Sequence[str], limit: int) -> str:
+    """"a; b; c (and 4 more)": the start of a list, for a one-line error."""
+    shown = "; ".join(items[:limit])
+    return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
+
+
 def save_config(config: RunConfig, path: str | os.PathLike) -> None:
     """Write the resolved config (defaults filled in) so a run can be repeated exactly."""
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

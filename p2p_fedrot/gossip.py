@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .errors import PeerError
-from .transport import Route, Transport, common_numel
+from .transport import Route, Transport
 from .validation import BadPayload, PayloadRules, PayloadScreen
 
 MixInputs = list[tuple[float, torch.Tensor]]
@@ -77,6 +77,14 @@ def renormalised(pairs: MixInputs) -> MixInputs:
     """Rescale the weights of a row that lost some entries so that they sum to 1 again."""
     total = sum(weight for weight, _ in pairs)
     return [(weight / total, payload) for weight, payload in pairs]
+
+
+def common_numel(payloads: Mapping[int, torch.Tensor]) -> int:
+    """The one size all ``payloads`` share (the default expectation when no numel_of is given)."""
+    sizes = {p.numel() for p in payloads.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"local payloads differ in size ({sorted(sizes)}); pass numel_of to say who sends what")
+    return sizes.pop()
 
 
 def weighted_sum(inputs: MixInputs) -> torch.Tensor:

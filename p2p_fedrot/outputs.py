@@ -74,10 +74,9 @@ def plan_start(config: RunConfig) -> StartPlan:
 
 
 def _require_same_run(wanted: dict[str, Any], found: dict[str, Any], what: str) -> None:
-    changed = checkpoint.differing_keys(found, wanted)
-    if changed:
-        raise ConfigError(f"{what} belong to another run ({checkpoint.describe_differences(found, wanted, changed)}); "
-                          f"{WAY_OUT}")
+    differences = checkpoint.describe_differences(found, wanted)
+    if differences:
+        raise ConfigError(f"{what} belong to another run ({differences}); {WAY_OUT}")
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 import torch.distributed as dist
 
+from .config import differing, first_few
 from .errors import ConfigError, PeerError
 
 BOOTSTRAP_KEY = "p2p_fedrot/store"  # where process 0 publishes the address of this attempt's store
@@ -250,12 +251,10 @@ def agree(runtime: Runtime, header: Mapping[str, str], what: str, timeout_s: flo
         dist.all_gather_object(headers, dict(header))
     reference = headers[0]
     for process, other in enumerate(headers[1:], start=1):
-        differing = sorted(k for k in reference.keys() | other.keys() if reference.get(k) != other.get(k))
-        if differing:
-            shown = "; ".join(f"{k}: {other.get(k)!r} there, {reference.get(k)!r} on process 0"
-                              for k in differing[:5])
-            more = f" (and {len(differing) - 5} more)" if len(differing) > 5 else ""
+        keys = differing(reference, other)
+        if keys:
+            shown = first_few([f"{k}: {other.get(k)!r} there, {reference.get(k)!r} on process 0" for k in keys], 5)
             raise PeerError(
-                f"{name(process)} disagrees with process 0 on {what}: {shown}{more}; launch every process with "
+                f"{name(process)} disagrees with process 0 on {what}: {shown}; launch every process with "
                 "the same config, --set overrides and package versions (only out, threads and comm.timeout_s may differ)"
             )

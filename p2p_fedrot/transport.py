@@ -79,24 +79,18 @@ class Transport:
         self.timeout_s = timeout_s
         self.wire_bytes = 0  # bytes this process actually sent to other processes
 
-    def exchange(self, payloads: Mapping[int, torch.Tensor], routes: Iterable[Route], step: str = "",
-                 numel_of: Callable[[int], int] | None = None, tag: tuple[int, int] = (0, 0)) -> dict[int, torch.Tensor]:
+    def exchange(self, payloads: Mapping[int, torch.Tensor], routes: Iterable[Route], numel_of: Callable[[int], int],
+                 step: str = "", tag: tuple[int, int] = (0, 0)) -> dict[int, torch.Tensor]:
         """Deliver ``payloads[src]`` of every local source to the destinations named in ``routes``.
 
         ``payloads`` holds one 1-D tensor per local peer. ``numel_of(src)`` is the size of the
-        payload peer ``src`` is expected to send in this step (every process computes the same);
-        by default all payloads have the size of the local ones. Returns, for every source with a
+        payload peer ``src`` is expected to send in this step (every process computes the same).
+        Returns, for every source with a
         route into a local peer, the payload as seen here: the same tensor for local sources, a
         view into the received message for remote ones, with the size its sender declared (which
         the caller checks). ``tag`` is (round, step): a message of another round is an error.
         ``step`` labels errors.
         """
-        if numel_of is None:
-            common = common_numel(payloads)
-
-            def numel_of(src: int) -> int:
-                return common
-
         local = set(self.placement.local_peers)
         result: dict[int, torch.Tensor] = {}
         send_to: dict[int, set[int]] = {}
@@ -180,14 +174,6 @@ class Transport:
 
     def _names(self, processes: list[int]) -> str:
         return ", ".join(self.placement.process_name(p) for p in processes)
-
-
-def common_numel(payloads: Mapping[int, torch.Tensor]) -> int:
-    """The one size all ``payloads`` share (the default expectation when no numel_of is given)."""
-    sizes = {p.numel() for p in payloads.values()}
-    if len(sizes) != 1:
-        raise ValueError(f"local payloads differ in size ({sorted(sizes)}); pass numel_of to say who sends what")
-    return sizes.pop()
 
 
 def header_numel(sources: int, dtype: torch.dtype) -> int:
