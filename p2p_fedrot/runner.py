@@ -33,19 +33,17 @@ from .faults import corrupted
 from .gossip import collect_mix_inputs, keeps_own_value, routes_of
 from .io import atomic_write_json
 from .metrics import aggregation_error, consensus_distance
-from .mixing import DENSE_SPECTRAL_LIMIT, compose, mixing_matrix, server_mixing_steps, spectral_gap
 from .model import CAUSAL_LM, build_peer_models, load_tokenizer, task_of
 from .outputs import StartPlan
-from .participation import present_peers, restrict
 from .runtime import Runtime, agree, collective, init_runtime, launch_id, plain_process_name
-from .topology import Topology, build_topology, topology_stats
+from .schedule import MixingSchedule
+from .topology import Topology, build_topology
 from .training import PeerTrainer, evaluate
 from .transport import Placement, Transport
 from .validation import PayloadRules
 
 
 POOLED_STREAM = 2**32 - 1  # seed key of the pooled learner's batches (never a peer id)
-SCHEDULE_WINDOW = 64  # rounds averaged to plan with a time-varying graph's spectral gap
 PER_PROCESS_KEYS = ("out", "threads", "comm.timeout_s")  # settings that may differ between a launch's processes
 VERSIONED = ("torch", "transformers", "peft", "p2p_fedrot")  # packages whose versions every process must share
 
@@ -108,9 +106,11 @@ class Experiment:
             config.model, local, self.data.input_dim, self.data.num_classes, config.seed, runtime.device
         )
         self.layout: FactorLayout = self.models.layout
-        self.static_steps = self.mixing_steps(0) if self.topology.static else None
-        self._steps_round, self._steps = -1, []
-        context = methods.MethodContext(self.layout, self.planning_gap(), self.topology.server, self.models.model)
+        self.schedule = MixingSchedule(self.topology, config.mixing,
+                                       [len(self.data.clients[c].train) for c in self.clients],
+                                       config.seed, config.participation)
+        context = methods.MethodContext(self.layout, self.schedule.planning_gap(), self.topology.server,
+                                        self.models.model)
         self.method = methods.make_method(config.method, config.method_args, context)
         if self.method.changes_base_weights and config.participation < 1:
             raise ConfigError(f"method {config.method} folds every round's residual into the base weights that all "
@@ -158,48 +158,13 @@ class Experiment:
                 "graph of round 0": f"{len(edges)} edges, {digest(edges)}",
                 "data split": f"{sum(n for n, _ in shares)} training examples, {digest(shares)}"}
 
-    def present_at(self, round: int) -> np.ndarray:
-        """Which peers take part in the round (all but for participation < 1; the hub always)."""
-        hub = [0] if self.topology.server else []
-        return present_peers(self.config.seed, round, self.config.peers, self.config.participation, hub)
-
-    def graph_steps(self, round: int) -> list[np.ndarray]:
-        """The round's mixing steps of the whole graph (what methods plan with and topology.json shows)."""
-        return self.static_steps or self.mixing_steps(round)
-
-    def steps_at(self, round: int) -> list[np.ndarray]:
-        """The round's mixing steps among the peers present, built once per round."""
-        if self._steps_round != round:
-            steps, present = self.graph_steps(round), self.present_at(round)
-            self._steps = steps if present.all() else [restrict(W, present) for W in steps]
-            self._steps_round = round
-        return self._steps
-
-    def mixing_steps(self, round: int) -> list[np.ndarray]:
-        """The mixing matrices of a round: one gossip step, or the server's up and down steps."""
-        if self.topology.server:
-            return server_mixing_steps([len(self.data.clients[c].train) for c in self.clients])
-        return [mixing_matrix(self.topology.graph_at(round), self.config.mixing)]
-
-    def planning_gap(self) -> float:
-        """The spectral gap methods plan with: one round's, or for a time-varying graph that of its
-        average round over a window (a single random matching is disconnected; matchings mix)."""
-        if self.topology.static:
-            return spectral_gap(compose(self.graph_steps(0)))
-        return spectral_gap(np.mean([compose(self.graph_steps(r)) for r in range(SCHEDULE_WINDOW)], axis=0))
-
-    def round_mixing(self, round: int) -> np.ndarray:
-        """One whole round's mixing among the peers present: the product of its steps (the server's
-        is exact averaging)."""
-        return compose(self.steps_at(round))
-
     # ------------------------------------------------------------------ round loop
     def run(self) -> dict:
         rank0 = self.runtime.rank == 0
         plan = self.plan_start()
         self.restore(plan)
         self.all_arrive("reading the checkpoint")  # process 0 rewrites out only once everyone has read it
-        writer = outputs.prepare(self.config, self.topology_record(), plan.first_round) if rank0 else None
+        writer = outputs.prepare(self.config, self.schedule.record(), plan.first_round) if rank0 else None
         self.all_arrive("preparing the output folder")  # nobody writes into out before it is ready
         start = time.perf_counter() - plan.elapsed_s
         last: dict = {}
@@ -253,7 +218,7 @@ class Experiment:
     def train_and_align(self, round: int, clock: RoundClock) -> int:
         """Local steps then the method's pre-send hook on every hosted client; returns bytes of the round."""
         trained = self.method.trained_parts(round)
-        present = self.present_at(round)
+        present = self.schedule.present_at(round)
         for peer, trainer in self.trainers.items():
             if not present[peer] and not self.method.pooled_data:
                 continue  # an absent peer neither trains nor mixes this round
@@ -278,7 +243,7 @@ class Experiment:
         if not self.method.sent_parts(round):
             return 0
         element = next(iter(self.models.flats.values())).element_size()
-        steps = self.steps_at(round)
+        steps = self.schedule.steps_at(round)
         return sum(self.method.payload_numel(round, k, src) * element
                    for k, W in enumerate(steps) for src, _ in routes_of(W))
 
@@ -294,7 +259,7 @@ class Experiment:
         if not parts:
             return
         local = list(self.placement.local_peers)
-        for k, W in enumerate(self.steps_at(round)):
+        for k, W in enumerate(self.schedule.steps_at(round)):
             since = time.perf_counter()
             payloads = {p: self.method.pack(self.states[p], round, k, self.layout.extract(self.states[p].flat, parts))
                         for p in local}
@@ -401,7 +366,7 @@ class Experiment:
             "aggregation_error_rel": errors[1],
             "bytes_sent": sent,
             "bytes_sent_total": self.bytes_total,
-            "absent": np.flatnonzero(~self.present_at(round)).tolist(),
+            "absent": np.flatnonzero(~self.schedule.present_at(round)).tolist(),
             "dropped": sorted(dropped, key=lambda d: (d["round"], d["receiver"], d["sender"])),
             "seconds": {k: round_float(v) for k, v in seconds.items()},
         }
@@ -413,7 +378,7 @@ class Experiment:
                            after: dict[int, torch.Tensor]) -> tuple[float, float]:
         """Mean (absolute, relative) gap between each mixing peer's new adapter and the exact
         W-weighted mix of the adapters its neighbours sent; 0 when nothing was mixed."""
-        W = self.round_mixing(round)
+        W = self.schedule.round_mixing(round)
         mixing = [i for i in range(self.config.peers) if not keeps_own_value(W, i)]
         if before is None or not mixing:
             return 0.0, 0.0
@@ -472,29 +437,6 @@ class Experiment:
         return dict(zip(seconds, values.tolist()))
 
     # ------------------------------------------------------------------ outputs
-    def topology_record(self) -> dict:
-        """Graph, mixing steps and spectral numbers of round 0 (all rounds, for static graphs).
-
-        The spectral gap is that of one whole round, the product of its mixing steps: the
-        server's up-then-down exchange averages exactly, so its gap is 1.
-        """
-        graph = self.topology.graph_at(0)
-        steps = self.graph_steps(0)
-        round_W = compose(steps)
-        return {
-            "name": self.topology.name,
-            "peers": self.topology.peers,
-            "server": self.topology.server,
-            "static": self.topology.static,
-            "params": self.topology.params,
-            "mixing": "server (sample-weighted average)" if self.topology.server else self.config.mixing,
-            "edges": sorted([sorted((int(u), int(v))) for u, v in graph.edges()]),
-            **written_mixing(steps),
-            "spectral_gap": spectral_gap(round_W),
-            "stats": topology_stats(graph, round_W),
-            "note": "" if self.topology.static else "time-varying: edges and W are those of round 0",
-        }
-
     def finish(self, last: dict, wall: float) -> dict:
         """Save every adapter (each process its own peers), then the summary on process 0."""
         adapters = self.out / outputs.ADAPTERS
@@ -528,19 +470,6 @@ class Experiment:
         }
         atomic_write_json(self.out / outputs.SUMMARY, summary)
         return summary
-
-
-def written_mixing(steps: list[np.ndarray]) -> dict:
-    """The round's mixing steps for topology.json: dense rows for small graphs ("W"); above
-    DENSE_SPECTRAL_LIMIT, (i, j, W_ij) of the nonzero entries ("W_entries"), so the file grows with the
-    edges, not with N^2. One matrix, or a list of them for the server's two steps."""
-    if len(steps[0]) <= DENSE_SPECTRAL_LIMIT:
-        written = [W.tolist() for W in steps]
-        key = "W"
-    else:
-        written = [[[int(i), int(j), float(W[i, j])] for i, j in zip(*np.nonzero(W))] for W in steps]
-        key = "W_entries"
-    return {key: written if len(steps) > 1 else written[0]}
 
 
 def round_float(x: float) -> float:

@@ -119,7 +119,7 @@ def products(exp: Experiment, peer: int) -> list[torch.Tensor]:
 
 def test_decaf_rounds_on_a_graph_give_the_truncated_svd_of_the_mixed_products(tmp_path: Path) -> None:
     exp = experiment(tmp_path, "method=decaf", "topology=erdos_renyi", "peers=6")
-    W = exp.round_mixing(0)
+    W = exp.schedule.round_mixing(0)
     r = exp.config.model.lora.r
     for round in range(3):
         exp.train_and_align(round, RoundClock())

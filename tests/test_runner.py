@@ -182,7 +182,7 @@ def test_metrics_are_strict_json_even_without_local_test_splits(tmp_path: Path) 
 def test_topology_json_lists_the_nonzero_weights_of_a_large_graph() -> None:
     from p2p_fedrot.mixing import mixing_matrix
     from p2p_fedrot.mixing import DENSE_SPECTRAL_LIMIT
-    from p2p_fedrot.runner import written_mixing
+    from p2p_fedrot.schedule import written_mixing
     from p2p_fedrot.topology import build_topology
 
     small = mixing_matrix(build_topology("ring", 8, seed=0).graph_at(0))
