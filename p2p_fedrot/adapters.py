@@ -1,60 +1,58 @@
-"""Save peers' adapters in peft format (``PeftModel.from_pretrained`` loads them), atomically."""
+"""Peers' adapters in peft's layout (``PeftModel.from_pretrained`` loads them), written atomically.
+
+Each adapter is a folder with peft's adapter_config.json and adapter_model.safetensors holding the
+factors and head under the names peft gives them. The bank writes them directly from its rows,
+so a thousand adapters take seconds.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from .factors import bind_to_flat
-from .model import PeerModels, adapter_name
+from .bank import PeerBank
+from .factors import FactorLayout
 
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 CONSENSUS = "consensus"
 
 
-def _save_adapter(models: PeerModels, adapter: str, target: Path) -> None:
-    """peft writes a named adapter into <dir>/<name>/; stage it there, then rename into place."""
+def adapter_name(peer: int) -> str:
+    return f"peer_{peer:03d}"
+
+
+def save_adapter(layout: FactorLayout, config_text: str, flat: torch.Tensor, target: Path) -> None:
+    """One adapter folder; a crash leaves either the old folder or the new one, never half of one."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
-        models.model.save_pretrained(staging, selected_adapters=[adapter])
-        _sort_sets(staging / adapter / "adapter_config.json")
+        flat = flat.detach().cpu()
+        tensors = {spec.name: spec.view(flat).clone() for spec in layout.specs}
+        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+        (staging / CONFIG_FILE).write_text(config_text)
         if target.exists():  # move the old one aside first: a crash now leaves it in the staging folder
             os.replace(target, staging / "previous")
-        os.replace(staging / adapter, target)
+        final = staging / "adapter"
+        final.mkdir()
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            os.replace(staging / name, final / name)
+        os.replace(final, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _sort_sets(config_file: Path) -> None:
-    """peft keeps target_modules as a set and writes it in hash order, which changes from one
-    process to the next; sorted, the same adapter gives the same file."""
-    config = json.loads(config_file.read_text())
-    for key in ("target_modules", "modules_to_save"):
-        if isinstance(config.get(key), list):
-            config[key] = sorted(config[key])
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def save_peer_adapters(models: PeerModels, peers: list[int], folder: Path) -> None:
+def save_peer_adapters(bank: PeerBank, peers: list[int], folder: Path) -> None:
     """One folder per peer: ``folder/peer_007/{adapter_config.json, adapter_model.safetensors}``."""
     for peer in peers:
-        _save_adapter(models, adapter_name(peer), folder / adapter_name(peer))
+        save_adapter(bank.layout, bank.adapter_config, bank.flat(peer), folder / adapter_name(peer))
 
 
-def save_consensus_adapter(models: PeerModels, flats: list[torch.Tensor], folder: Path) -> None:
-    """The plain average of the given peers' buffers (factors and head), saved as one more adapter."""
-    first = next(iter(models.flats))
-    mean = torch.stack(flats).mean(dim=0).to(models.flats[first].device)
-    models.model.add_adapter(CONSENSUS, models.model.peft_config[adapter_name(first)])
-    try:
-        buffer = torch.empty_like(mean)
-        bind_to_flat(models.model, CONSENSUS, models.layout, buffer)  # copies the new adapter's init in
-        buffer.copy_(mean)
-        _save_adapter(models, CONSENSUS, folder / CONSENSUS)
-    finally:
-        models.model.delete_adapter(CONSENSUS)
+def save_consensus_adapter(bank: PeerBank, mean: torch.Tensor, folder: Path) -> None:
+    """The average of the peers' buffers (factors and head), saved as one more adapter."""
+    save_adapter(bank.layout, bank.adapter_config, mean, folder / CONSENSUS)
+

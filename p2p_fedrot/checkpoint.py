@@ -37,31 +37,9 @@ def peer_file(folder: Path, peer: int) -> Path:
     return folder / f"peer_{peer:03d}.safetensors"
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """The optimizer's per-parameter state (moments, step counts) as named tensors."""
-    tensors = {}
-    for index, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            if value is not None:
-                tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value)
-    return tensors
-
-
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    """Inverse of :func:`optimizer_tensors`; the hyper-parameters stay those of the current config."""
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optimizer."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-
-
-def save_peer(folder: Path, peer: int, flat: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
-    tensors = {"flat": flat}
-    if optimizer is not None:
-        tensors.update(optimizer_tensors(optimizer))
-    save_tensors(peer_file(folder, peer), tensors)
+def save_peer(folder: Path, peer: int, flat: torch.Tensor, optimizer_state: dict[str, torch.Tensor]) -> None:
+    """A peer's buffer and its optimizer's state (moments and step counts; empty for a peer that does not train)."""
+    save_tensors(peer_file(folder, peer), {"flat": flat, **optimizer_state})
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

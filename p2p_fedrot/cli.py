@@ -88,7 +88,7 @@ def command_report(args: argparse.Namespace) -> int:
 
 
 def command_topology(args: argparse.Namespace) -> int:
-    from .mixing import DENSE_SPECTRAL_LIMIT, compose, mixing_matrix, mixing_matrix_sparse, server_mixing_steps
+    from .mixing import DENSE_SPECTRAL_LIMIT, compose, mixing_matrix, server_mixing_steps
     from .topology import build_topology, check_drawable, draw_topology, progress_to, topology_stats
 
     if args.peers < 2:
@@ -113,9 +113,8 @@ def command_topology(args: argparse.Namespace) -> int:
                     f"for at most {DENSE_SPECTRAL_LIMIT:,} peers; use fewer peers, or 'star' for the hub's graph"
                 )
             W, mixing = compose(server_mixing_steps([1.0] * (args.peers - 1))), "server average"
-        else:  # above the dense limit W is built sparse: an N x N array of 20,000 peers is 3.2 GB
-            build = mixing_matrix if args.peers <= DENSE_SPECTRAL_LIMIT else mixing_matrix_sparse
-            W, mixing = build(graph, args.mixing), args.mixing
+        else:  # W is sparse: an N x N array of 20,000 peers would be 3.2 GB
+            W, mixing = mixing_matrix(graph, args.mixing), args.mixing
         stats = topology_stats(graph, W)
     if args.json:
         print(json.dumps(stats))

@@ -9,10 +9,9 @@ peer can be read with the same layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
-from torch import nn
 
 PARTS = ("A", "B", "head")
 
@@ -45,6 +44,11 @@ class FactorLayout:
     head: tuple[TensorSpec, ...]
     segments: dict[str, tuple[int, int]]  # part -> [start, end) in the buffer
     numel: int
+
+    @property
+    def specs(self) -> tuple[TensorSpec, ...]:
+        """Every tensor in buffer order."""
+        return self.a + self.b + self.head
 
     def a_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [spec.view(flat) for spec in self.a]
@@ -87,50 +91,27 @@ class FactorLayout:
             cursor += end - start
 
 
-def adapter_parameters(model: nn.Module, adapter: str) -> tuple[list, list, list]:
-    """(A, B, head) lists of (name, parameter) of one peft adapter, in model order."""
-    a, b, head = [], [], []
-    for name, param in model.named_parameters():
-        if f".lora_A.{adapter}." in name:
-            a.append((name, param))
-        elif f".lora_B.{adapter}." in name:
-            b.append((name, param))
-        elif f".modules_to_save.{adapter}." in name:
-            head.append((name, param))
-    return a, b, head
-
-
-def layout_of(model: nn.Module, adapter: str) -> FactorLayout:
-    """Describe the flat layout of ``adapter``'s trainable tensors in ``model``."""
-    a, b, head = adapter_parameters(model, adapter)
-    if not a:
-        raise ValueError(f"the model has no LoRA adapter named {adapter!r}")
-    modules = tuple(name.split(f".lora_A.{adapter}.")[0] for name, _ in a)
-    lookup = dict(model.named_modules())
-    scalings = tuple(float(lookup[m].scaling[adapter]) for m in modules)
+def layout_of_state(state: Mapping[str, torch.Tensor], scalings: Mapping[str, float], prefix: str) -> FactorLayout:
+    """The flat layout of one adapter from its peft state dict (names as peft saves them, in model
+    order): every A, then every B, then the trained head. ``scalings`` maps the adapted modules'
+    names (without ``prefix``) to peft's alpha / r."""
+    parts: dict[str, list[tuple[str, torch.Tensor]]] = {part: [] for part in PARTS}
+    for name, tensor in state.items():
+        part = "A" if ".lora_A." in name else "B" if ".lora_B." in name else "head"
+        parts[part].append((name, tensor))
+    if not parts["A"]:
+        raise ValueError("the adapter has no LoRA factors")
+    modules = tuple(name[len(prefix):].split(".lora_A.")[0] for name, _ in parts["A"])
     offset = 0
     segments: dict[str, tuple[int, int]] = {}
     specs: dict[str, tuple[TensorSpec, ...]] = {}
-    for part, params in zip(PARTS, (a, b, head)):
+    for part in PARTS:
         start = offset
         part_specs = []
-        for name, param in params:
-            part_specs.append(TensorSpec(name.replace(f".{adapter}.", "."), tuple(param.shape), offset))
-            offset += param.numel()
+        for name, tensor in parts[part]:
+            part_specs.append(TensorSpec(name, tuple(tensor.shape), offset))
+            offset += tensor.numel()
         segments[part] = (start, offset)
         specs[part] = tuple(part_specs)
-    return FactorLayout(modules, scalings, specs["A"], specs["B"], specs["head"], segments, offset)
-
-
-def bind_to_flat(model: nn.Module, adapter: str, layout: FactorLayout, flat: torch.Tensor) -> None:
-    """Make ``adapter``'s parameters views of ``flat`` (its current values are copied in first).
-
-    Call before creating the peer's optimizer: the optimizer then updates the buffer directly.
-    """
-    if flat.numel() != layout.numel or flat.dim() != 1 or not flat.is_contiguous():
-        raise ValueError(f"flat buffer must be 1-D contiguous with {layout.numel} elements")
-    a, b, head = adapter_parameters(model, adapter)
-    for (_, param), spec in zip(a + b + head, layout.a + layout.b + layout.head):
-        view = spec.view(flat)
-        view.copy_(param.detach().to(flat.dtype))
-        param.data = view
+    return FactorLayout(modules, tuple(scalings[m] for m in modules), specs["A"], specs["B"], specs["head"],
+                        segments, offset)

@@ -1,35 +1,46 @@
 """One mixing step x_i <- sum_j W_ij x_j, split into "who needs whose payload" and the exchange.
 
 Convention: W[i, j] != 0 with i != j means peer j sends to peer i. Symmetric gossip, the server's
-up step (clients -> hub) and down step (hub -> clients) are all expressed this way.
+up step (clients -> hub) and down step (hub -> clients) are all expressed this way. W is a
+canonical CSR step (see mixing.canonical): each peer reads only its own row's stored entries.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Mapping
 
-import numpy as np
 import torch
+from scipy import sparse
 
 from .errors import PeerError
+from .mixing import row_indices
 from .transport import Route, Transport
 from .validation import BadPayload, PayloadRules, PayloadScreen
 
 MixInputs = list[tuple[float, torch.Tensor]]
 
 
-def routes_of(W: np.ndarray) -> list[Route]:
-    """Directed (source, destination) pairs of a mixing matrix."""
-    return [(int(j), int(i)) for i, j in zip(*np.nonzero(W)) if i != j]
+def routes_of(W: sparse.csr_array) -> list[Route]:
+    """Directed (source, destination) pairs of a mixing step: its stored off-diagonal entries."""
+    rows = row_indices(W)
+    sent = W.indices != rows
+    return list(zip(W.indices[sent].tolist(), rows[sent].tolist()))
 
 
-def keeps_own_value(W: np.ndarray, peer: int) -> bool:
+def row_entries(W: sparse.csr_array, i: int) -> list[tuple[int, float]]:
+    """(j, W_ij) of row i's stored entries by ascending j (i itself included): read from the CSR
+    arrays in O(row), so a peer never scans all N columns."""
+    start, stop = W.indptr[i], W.indptr[i + 1]
+    return list(zip(W.indices[start:stop].tolist(), W.data[start:stop].tolist()))
+
+
+def keeps_own_value(W: sparse.csr_array, peer: int) -> bool:
     """True when row ``peer`` is the identity row: the peer receives nothing and stays as it is."""
-    return W[peer, peer] == 1.0 and np.count_nonzero(W[peer]) == 1
+    return row_entries(W, peer) == [(peer, 1.0)]
 
 
-def collect_mix_inputs(transport: Transport, W: np.ndarray, payloads: Mapping[int, torch.Tensor], step: str = "",
-                       numel_of: Callable[[int], int] | None = None, *,
+def collect_mix_inputs(transport: Transport, W: sparse.csr_array, payloads: Mapping[int, torch.Tensor],
+                       step: str = "", numel_of: Callable[[int], int] | None = None, *,
                        outgoing: Mapping[int, torch.Tensor] | None = None, rules: PayloadRules = PayloadRules(),
                        tag: tuple[int, int] = (0, 0)) -> tuple[dict[int, MixInputs], list[BadPayload]]:
     """Exchange payloads along W's routes; for each hosted peer that mixes, its (W_ij, x_j) list.
@@ -54,13 +65,13 @@ def collect_mix_inputs(transport: Transport, W: np.ndarray, payloads: Mapping[in
         if keeps_own_value(W, i):
             continue
         pairs, refused = [], 0
-        for j in map(int, np.flatnonzero(W[i])):
+        for j, weight in row_entries(W, i):
             if j == i:
-                pairs.append((float(W[i, j]), payloads[i]))
+                pairs.append((weight, payloads[i]))
                 continue
             problem = screen.problem(j, i)
             if problem is None:
-                pairs.append((float(W[i, j]), received[j]))
+                pairs.append((weight, received[j]))
             elif rules.on_bad_payload == "drop":
                 dropped.append(BadPayload(j, i, problem))
                 refused += 1

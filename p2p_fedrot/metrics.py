@@ -1,59 +1,142 @@
-"""Disagreement metrics on LoRA products, computed through r x r Gram matrices (never d x d).
+"""Disagreement metrics on LoRA products P_m = s_m B_m A_m, computed by the processes hosting the peers.
 
-For modules with factors (A_j, B_j) and scaling s, the products P_j = s B_j A_j have inner products
-<P_j, P_k> = s^2 tr((B_j^T B_k)(A_k A_j^T)). Every metric below is a quadratic form in that
-Gram matrix, so memory stays O(n^2 r^2) whatever the layer width.
+No process ever holds every peer's factors or an N x N matrix:
+
+* :func:`consensus_distance` takes the hosted peers' buffers and a few all-reduces (one dense
+  d_out x d_in sum per module, plus a few small tensors). The sums are exact fixed-point sums
+  (:mod:`.reduction`), and every per-peer value is computed elementwise or summed in a fixed pairwise
+  order, so a peer's contribution has the same bits whatever batch, thread count or process computes
+  it (a BLAS matmul or ``Tensor.sum`` does not promise that). The result is therefore bit-identical
+  for any number of processes.
+* :func:`aggregation_errors` is purely local: each mixing row's factors only, stacked and reduced by
+  a QR decomposition, so memory is O(n r (d_in + d_out)) for a row of n buffers, never d x d.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Mapping, Sequence
 
-import numpy as np
 import torch
 
-from .factors import FactorLayout
+from .factors import FactorLayout, TensorSpec
+from .reduction import FixedPointSum, Reduce, exact_sum, global_peaks
+
+CHUNK_BYTES = 64 * 2**20  # dense products of one chunk of hosted peers
 
 
-def product_gram(layout: FactorLayout, flats: Sequence[torch.Tensor]) -> torch.Tensor:
-    """G[j, k] = sum over modules of <P_j, P_k>, in float64."""
-    n = len(flats)
-    gram = torch.zeros(n, n, dtype=torch.float64, device=flats[0].device)
-    per_peer_a = [layout.a_views(f) for f in flats]
-    per_peer_b = [layout.b_views(f) for f in flats]
-    for m, scaling in enumerate(layout.scalings):
-        a = torch.stack([views[m] for views in per_peer_a]).double()  # n x r x d_in
-        b = torch.stack([views[m] for views in per_peer_b]).double()  # n x d_out x r
-        gram_b = torch.einsum("jdr,kds->jkrs", b, b)  # B_j^T B_k
-        gram_a = torch.einsum("jrd,ksd->jkrs", a, a)  # A_j A_k^T
-        gram += scaling**2 * torch.einsum("jkrs,kjsr->jk", gram_b, gram_a)
-    return gram
+def _hosted(flats: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    """One factor of every hosted peer, (k, *spec.shape), as a view of the (k, numel) buffers."""
+    return flats[:, spec.offset : spec.offset + spec.numel].view(flats.shape[0], *spec.shape)
 
 
-def consensus_distance(layout: FactorLayout, flats: Sequence[torch.Tensor]) -> float:
-    """(1/N) sum_i ||P_i - mean_k P_k||_F^2, summed over modules."""
-    gram = product_gram(layout, flats)
-    n = gram.shape[0]
-    value = torch.trace(gram) / n - gram.sum() / n**2
-    return max(float(value), 0.0)
+def _pairwise_sum_(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension in a pairwise order fixed by its length, overwriting ``x``: each
+    row's bits depend on its own values only (Tensor.sum's order depends on threads and batch shape),
+    and the rounding error grows as log n."""
+    n = x.shape[-1]
+    while n > 1:
+        half = n // 2
+        x[..., :half] += x[..., n - half : n]
+        n -= half
+    return x[..., 0]
 
 
-def aggregation_error(layout: FactorLayout, W: np.ndarray, sent: Sequence[torch.Tensor],
-                      mixed: Sequence[torch.Tensor], peers: Sequence[int]) -> tuple[float, float]:
-    """Mean over ``peers`` of ||sum_j W_ij P_j - P'_i||_F, absolute and relative to ||sum_j W_ij P_j||_F.
+def _products(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """s B A of a batch of peers, (c, d_out, d_in) float64, as r rank-one terms added in order t = 0..r-1.
 
-    ``sent[j]`` holds peer j's factors as they left it (after training and alignment) and
-    ``mixed[i]`` peer i's after the round's mixing: the error is how far a peer's new adapter is
-    from the exact W-weighted mix of its neighbourhood's adapters. For factor averaging,
-    P'_i = s (sum_j W_ij B_j)(sum_j W_ij A_j), the loss of averaging factors instead of products.
-    One Gram matrix over all 2N buffers gives every term.
+    Elementwise, so a peer's bits do not depend on the batch, threads or device (a matmul's do not
+    promise that). For float32 (or narrower) factors each term B_it A_tj is exact in float64, so a
+    fused multiply-add rounds exactly like a multiply then an add.
     """
-    n = len(sent)
-    gram = product_gram(layout, [*sent, *mixed]).cpu()
-    rows = torch.zeros(len(peers), 2 * n, dtype=torch.float64)
-    rows[:, :n] = torch.as_tensor(W[list(peers)], dtype=torch.float64)
-    exact = (rows @ gram @ rows.T).diagonal().clamp(min=0).sqrt()
-    rows[torch.arange(len(peers)), [n + i for i in peers]] -= 1.0
-    error = (rows @ gram @ rows.T).diagonal().clamp(min=0).sqrt()
-    relative = torch.where(exact > 0, error / exact, torch.zeros_like(error))
-    return float(error.mean()), float(relative.mean())
+    a, b = a.double(), b.double()
+    out = b[:, :, 0, None] * a[:, None, 0, :]
+    for t in range(1, a.shape[1]):
+        out.addcmul_(b[:, :, t, None], a[:, None, t, :])
+    return out.mul_(scaling)
+
+
+def _product_bound(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Max over the batch of a bound on |s B A| entries, |s| sum_t max|B[:, t]| max|A[t, :]|, from the
+    factors alone (within a factor r of the true max: the fixed-point quantum loses at most log2 r bits)."""
+    if a.shape[0] == 0:
+        return torch.zeros((), dtype=torch.float64, device=a.device)
+    a_max = torch.maximum(a.amax(-1), -a.amin(-1)).double()  # (c, r)
+    b_max = torch.maximum(b.amax(-2), -b.amin(-2)).double()  # (c, r)
+    return abs(scaling) * _pairwise_sum_(a_max * b_max).amax()
+
+
+def consensus_distance(layout: FactorLayout, flats: torch.Tensor, total: int, reduce: Reduce) -> float:
+    """(1/N) sum_i sum_m ||P_i,m - mean_k P_k,m||_F^2 over all N = ``total`` peers of every process.
+
+    ``flats`` (k, numel) holds this process's hosted peers (k may be 0; the process still takes part
+    in every reduce, all processes in the same order). Two passes per module, so close peers lose
+    nothing to cancellation: the exact sum of the products gives the mean, then each hosted peer's
+    squared distance to it; the per-peer distances are summed exactly too. Products are float64,
+    one module and one chunk of peers (``CHUNK_BYTES``) at a time. The mean is off by at most about
+    2^-(62 - log2 N - log2 r) of the largest product entry (see :mod:`.reduction`).
+    """
+    k, device = flats.shape[0], flats.device
+    modules = [(_hosted(flats, a), _hosted(flats, b), s) for a, b, s in zip(layout.a, layout.b, layout.scalings)]
+    local = torch.stack([_product_bound(a, b, s) for a, b, s in modules])
+    distances = torch.zeros(k, dtype=torch.float64, device=device)
+    for (a, b, scaling), peak in zip(modules, global_peaks(local, reduce)):
+        shape = (b.shape[1], a.shape[2])
+        chunk = max(1, CHUNK_BYTES // (8 * shape[0] * shape[1]))
+        blocks = [slice(lo, lo + chunk) for lo in range(0, k, chunk)]
+        summed = FixedPointSum(peak, total, shape, device)
+        for block in blocks:
+            summed.add(_products(a[block], b[block], scaling))
+        mean = summed.total(reduce) / total
+        for block in blocks:
+            gap = _products(a[block], b[block], scaling).sub_(mean)
+            distances[block] += _pairwise_sum_(gap.square_().flatten(1))
+    return float(exact_sum(distances, reduce, total)) / total
+
+
+def _row_norms2(a_spec: TensorSpec, b_spec: TensorSpec, row: Sequence[tuple[float, torch.Tensor]],
+                after: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(||X||_F^2, ||X - B'A'||_F^2) of one module without the scaling, X = sum_j w_j B_j A_j.
+
+    Stacking the row, X - B'A' = [w_1 B_1 .. | -B'] [A_1; ..; A'] =: B A, and with A^T = Q R (Q
+    orthonormal columns) ||B A||_F = ||B R^T||_F: entries are formed directly, not as a difference of
+    Gram terms, so a small error keeps its digits. Terms whose A is bitwise A' (the peer's own A when
+    only B is mixed, or a shared A) share its block, and their B's are combined before the product:
+    a row that reproduces the buffer exactly has error exactly 0.
+    """
+    a_new, b_new = a_spec.view(after), b_spec.view(after).double()
+    a_blocks, b_blocks = [a_new], [torch.zeros_like(b_new)]
+    for weight, flat in row:
+        a, b = a_spec.view(flat), weight * b_spec.view(flat).double()
+        if torch.equal(a, a_new):
+            b_blocks[0] += b
+        else:
+            a_blocks.append(a)
+            b_blocks.append(b)
+    r_factor = torch.linalg.qr(torch.cat(a_blocks).double().T, mode="r").R
+    stacked = torch.cat(b_blocks, dim=1)
+    exact = stacked @ r_factor.T
+    stacked[:, : b_new.shape[1]] -= b_new
+    error = stacked @ r_factor.T
+    return _pairwise_sum_(exact.square_().flatten()), _pairwise_sum_(error.square_().flatten())
+
+
+def aggregation_errors(layout: FactorLayout, rows: Mapping[int, Sequence[tuple[float, torch.Tensor]]],
+                       mixed: Mapping[int, torch.Tensor]) -> dict[int, tuple[float, float]]:
+    """Per mixing peer i, (||sum_j w_ij P_j - P'_i||_F, that / ||sum_j w_ij P_j||_F, 0 when that is 0).
+
+    ``rows[i]`` lists (w_ij, buffer j as sent) over i's row, i's own included; ``mixed[i]`` is i's buffer
+    after mixing. Norms run over all modules together. The error is how far a peer's new adapter is from
+    the exact weighted mix of its neighbourhood's adapters: for factor averaging,
+    P'_i = s (sum_j w_ij B_j)(sum_j w_ij A_j), the loss of averaging factors instead of products.
+    """
+    errors = {}
+    for i, row in rows.items():
+        exact2 = error2 = 0.0
+        for a_spec, b_spec, scaling in zip(layout.a, layout.b, layout.scalings):
+            x2, e2 = _row_norms2(a_spec, b_spec, row, mixed[i])
+            exact2 += scaling**2 * float(x2)
+            error2 += scaling**2 * float(e2)
+        absolute, norm = math.sqrt(error2), math.sqrt(exact2)
+        errors[i] = (absolute, absolute / norm if norm > 0 else 0.0)
+    return errors

@@ -2,7 +2,9 @@
 
 Decentralized averaging converges to the true mean only when W is doubly stochastic, and the
 error shrinks per round by the second largest eigenvalue modulus rho, so these helpers both build
-W and check those two properties.
+W and check those two properties. Every step is a canonical float64 CSR array (sorted column
+indices, no stored zeros): runs of thousands of peers never hold an N x N array, and a row's
+stored entries are exactly the peers it receives from. The checks accept dense arrays too.
 """
 
 from __future__ import annotations
@@ -46,19 +48,6 @@ def _peer_count(graph: nx.Graph) -> int:
     return n
 
 
-def _adjacency(graph: nx.Graph) -> np.ndarray:
-    """0/1 adjacency in node-label order, self-loops dropped (a peer always keeps its own share)."""
-    n = _peer_count(graph)
-    adjacency = nx.to_numpy_array(nx.Graph(graph), nodelist=range(n), weight=None, dtype=np.float64)
-    np.fill_diagonal(adjacency, 0.0)
-    return adjacency
-
-
-def _with_diagonal(off_diagonal: np.ndarray) -> np.ndarray:
-    """Put the remaining mass of each row on the diagonal so every row sums to 1."""
-    return off_diagonal + np.diag(1.0 - off_diagonal.sum(axis=1))
-
-
 def _check_scheme(scheme: str) -> None:
     if scheme not in SCHEMES:
         raise MixingError(f"unknown mixing scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
@@ -75,49 +64,66 @@ def _warn_if_irregular(degree: np.ndarray) -> None:
         )
 
 
-def mixing_matrix(graph: nx.Graph, scheme: str = "metropolis") -> np.ndarray:
-    """Mixing matrix of ``graph`` (float64, N x N, index = node label) for one gossip step."""
+def mixing_matrix(graph: nx.Graph, scheme: str = "metropolis") -> sparse.csr_array:
+    """Mixing step of ``graph`` (float64 N x N CSR, index = node label), built from the edge list.
+
+    Memory grows with the edges, not with N^2, so it serves graphs of thousands of peers. Each
+    diagonal entry is 1 minus its row's off-diagonal weights added in ascending column order, so
+    the same graph gives the same bits whatever order its edges were inserted in.
+    """
     _check_scheme(scheme)
-    adjacency = _adjacency(graph)
-    degree = adjacency.sum(axis=1)
+    n, rows, columns = _directed_edges(graph)
+    degree = np.bincount(rows, minlength=n).astype(np.float64)
     if scheme == "metropolis":
-        return _with_diagonal(adjacency / (1.0 + np.maximum.outer(degree, degree)))
-    if scheme == "max_degree":
-        return _with_diagonal(adjacency / (1.0 + degree.max()))
-    _warn_if_irregular(degree)
-    return (adjacency + np.eye(len(degree))) / (degree + 1.0)[:, None]
+        weights = 1.0 / (1.0 + np.maximum(degree[rows], degree[columns]))
+    elif scheme == "max_degree":
+        weights = np.full(len(rows), 1.0 / (1.0 + degree.max()))
+    else:
+        _warn_if_irregular(degree)
+        weights = 1.0 / (degree[rows] + 1.0)
+    off_diagonal = from_entries(rows, columns, weights, n)
+    return canonical(off_diagonal + sparse.diags_array(1.0 - row_sums(off_diagonal), format="csr"))
 
 
 def _directed_edges(graph: nx.Graph) -> tuple[int, np.ndarray, np.ndarray]:
-    """(N, sources, targets): every edge in both directions, self-loops dropped, without an N x N array."""
-    n = _peer_count(graph)
-    simple = nx.Graph(graph) if graph.is_directed() or graph.is_multigraph() else graph
-    pairs = np.fromiter(chain.from_iterable(simple.edges()), dtype=np.int64, count=2 * simple.number_of_edges())
-    pairs = pairs.reshape(-1, 2)
-    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-    return n, np.concatenate([pairs[:, 0], pairs[:, 1]]), np.concatenate([pairs[:, 1], pairs[:, 0]])
+    """(N, rows, columns): every edge in both directions, self-loops dropped, without an N x N array.
 
-
-def mixing_matrix_sparse(graph: nx.Graph, scheme: str = "metropolis") -> sparse.csr_array:
-    """The weights of ``mixing_matrix`` as a CSR matrix built from the edge list.
-
-    Memory grows with the edges, not with N^2, so it serves graphs of thousands of peers; entries
-    equal the dense ones up to the rounding of the diagonal sums.
+    Read from the adjacency mapping, which lists each edge from both ends (graph.edges would also
+    tie the graph into a reference cycle that only the garbage collector frees).
     """
-    _check_scheme(scheme)
-    n, sources, targets = _directed_edges(graph)
-    degree = np.bincount(sources, minlength=n).astype(np.float64)
-    if scheme == "metropolis":
-        weights = 1.0 / (1.0 + np.maximum(degree[sources], degree[targets]))
-    elif scheme == "max_degree":
-        weights = np.full(len(sources), 1.0 / (1.0 + degree.max()))
-    else:
-        _warn_if_irregular(degree)
-        weights = 1.0 / (degree[sources] + 1.0)
-    diagonal = 1.0 - np.bincount(sources, weights=weights, minlength=n)
-    peers = np.arange(n)
-    entries = (np.concatenate([weights, diagonal]), (np.concatenate([sources, peers]), np.concatenate([targets, peers])))
-    return sparse.csr_array(entries, shape=(n, n))
+    n = _peer_count(graph)
+    adjacency = (nx.Graph(graph) if graph.is_directed() else graph).adj
+    columns = np.fromiter(chain.from_iterable(adjacency[u] for u in range(n)), dtype=np.int64)
+    rows = np.repeat(np.arange(n), [len(adjacency[u]) for u in range(n)])
+    distinct = rows != columns
+    return n, rows[distinct], columns[distinct]
+
+
+# ---------------------------------------------------------------- CSR mixing steps
+
+
+def canonical(W: sparse.csr_array) -> sparse.csr_array:
+    """Sort W's column indices and drop its stored zeros, in place, and return it: gossip takes a
+    row's stored entries as its routes and sums them in ascending j, so sums are bit-reproducible."""
+    W.sum_duplicates()  # sorts the indices too
+    W.eliminate_zeros()
+    return W
+
+
+def from_entries(rows: np.ndarray, columns: np.ndarray, weights: np.ndarray, n: int) -> sparse.csr_array:
+    """The canonical N x N step with W[rows[k], columns[k]] = weights[k]."""
+    return canonical(sparse.csr_array((weights, (rows, columns)), shape=(n, n), dtype=np.float64))
+
+
+def row_indices(W: sparse.csr_array) -> np.ndarray:
+    """The row of each stored entry (aligned with W.indices and W.data)."""
+    return np.repeat(np.arange(W.shape[0]), np.diff(W.indptr))
+
+
+def row_sums(W: sparse.csr_array) -> np.ndarray:
+    """Each row's sum, added left to right over its stored entries (a CSR product with ones does
+    exactly that), so a canonical W gives the same bits on every process."""
+    return W @ np.ones(W.shape[1])
 
 
 def _square(W: np.ndarray | sparse.sparray) -> np.ndarray | sparse.csr_array:
@@ -206,9 +212,8 @@ def _balanced(W: sparse.csr_array) -> tuple[sparse.csr_array, bool]:
     if (diagonal <= 0).any():
         return W, False
     scale = 1.0 / np.sqrt(diagonal)
-    rows = np.repeat(np.arange(W.shape[0]), np.diff(W.indptr))
     balanced = W.copy()
-    balanced.data *= scale[rows] / scale[W.indices]
+    balanced.data *= scale[row_indices(W)] / scale[W.indices]
     return (balanced, True) if is_symmetric(balanced) else (W, False)
 
 
@@ -294,7 +299,7 @@ def _is_bipartite(W: sparse.csr_array) -> bool:
     return bool(((depth[rows] + depth[columns]) % 2 == 1).all())
 
 
-def server_mixing_steps(client_weights: Sequence[float]) -> list[np.ndarray]:
+def server_mixing_steps(client_weights: Sequence[float]) -> list[sparse.csr_array]:
     """The two steps of the star server mode: clients send to hub 0 (weighted average), then adopt it.
 
     Client j (node j >= 1) has weight ``client_weights[j - 1]``, e.g. its number of training
@@ -308,17 +313,18 @@ def server_mixing_steps(client_weights: Sequence[float]) -> list[np.ndarray]:
     if weights.sum() == 0:
         raise MixingError("client weights are all zero; give each client a positive weight (e.g. its example count)")
     n = len(weights) + 1
-    up = np.eye(n)
-    up[0, 0] = 0.0
-    up[0, 1:] = weights / weights.sum()
-    down = np.zeros((n, n))
-    down[:, 0] = 1.0
+    nodes, clients = np.arange(n), np.arange(1, n)
+    hub = np.zeros(n - 1, dtype=np.int64)
+    up = from_entries(np.concatenate([hub, clients]), np.concatenate([clients, clients]),
+                      np.concatenate([weights / weights.sum(), np.ones(n - 1)]), n)
+    down = from_entries(nodes, np.zeros(n, dtype=np.int64), np.ones(n), n)
     return [up, down]
 
 
-def compose(steps: Sequence[np.ndarray]) -> np.ndarray:
-    """A whole round's mixing: the product of its steps in the order they are applied."""
+def compose(steps: Sequence[sparse.csr_array]) -> sparse.csr_array:
+    """A whole round's mixing: the product of its steps in the order they are applied (one step is
+    returned as it is)."""
     combined = steps[0]
     for W in steps[1:]:
-        combined = W @ combined
+        combined = canonical(W @ combined)  # a sparse product leaves its column indices unsorted
     return combined

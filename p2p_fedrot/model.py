@@ -1,8 +1,6 @@
-"""Frozen base model + one peft LoRA adapter per hosted peer.
+"""The frozen base model and the peer bank of LoRA factors on top of it.
 
-The base weights are loaded once per process and shared; each peer is a named peft adapter
-(``peer_007``) whose LoRA factors and head are rebound as views of that peer's flat buffer.
-Base models: the toy MLP (tests), the packaged MiniLM encoder and SmolLM2 causal LM, or any
+The base weights are loaded once per process and shared by every hosted peer (see bank.py). Base models: the toy MLP (tests), the packaged MiniLM encoder and SmolLM2 causal LM, or any
 Hugging Face model id / local folder.
 """
 
@@ -11,16 +9,16 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig, TaskType, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from .config import ModelConfig
 from .errors import ConfigError
-from .factors import FactorLayout, bind_to_flat, layout_of
+from .bank import PeerBank, bank_model
 from .packages import package_dir
 
 CLASSIFICATION, CAUSAL_LM = "classification", "causal_lm"
@@ -40,10 +38,6 @@ class ToyMLP(nn.Module):
         hidden = torch.nn.functional.gelu(self.fc1(features))
         hidden = torch.nn.functional.gelu(self.fc2(hidden))
         return self.head(hidden)
-
-
-def adapter_name(peer: int) -> str:
-    return f"peer_{peer:03d}"
 
 
 def task_of(config: ModelConfig) -> str:
@@ -161,19 +155,6 @@ def load_tokenizer(config: ModelConfig):
     return tokenizer
 
 
-@dataclass
-class PeerModels:
-    """The shared peft model, the flat layout, and each hosted peer's buffer."""
-
-    model: PeftModel
-    layout: FactorLayout
-    flats: dict[int, torch.Tensor]
-    task: str
-
-    def activate(self, peer: int) -> None:
-        self.model.set_adapter(adapter_name(peer))
-
-
 def _base_model(config: ModelConfig, task: str, input_dim: int, num_classes: int) -> tuple[nn.Module, LoraConfig]:
     """The frozen base model and the LoRA config (targets default to peft's per-architecture table)."""
     lora_args = dict(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout)
@@ -203,8 +184,9 @@ def _linear_names(model: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
 
 
-def build_peer_models(config: ModelConfig, peers: list[int], input_dim: int, num_classes: int, seed: int, device: torch.device) -> PeerModels:
-    """Build the base model once and give every hosted peer an adapter with the SAME initial factors.
+def build_bank(config: ModelConfig, peers: list[int], input_dim: int, num_classes: int, seed: int,
+               device: torch.device) -> PeerBank:
+    """Build the base model once and a bank row for every hosted peer, all with the SAME initial factors.
 
     The base weights, the new head and the shared LoRA init come from ``seed``, so every process
     (and every peer) starts from identical values, as the methods assume.
@@ -214,34 +196,17 @@ def build_peer_models(config: ModelConfig, peers: list[int], input_dim: int, num
         raise ConfigError(f"model.task={config.task!r} must be auto, {CLASSIFICATION} or {CAUSAL_LM}")
     torch.manual_seed(seed)
     base, lora = _base_model(config, task, input_dim, num_classes)
-    first = adapter_name(peers[0])
     try:
-        model = get_peft_model(base, lora, adapter_name=first)
+        model = get_peft_model(base, lora)
     except ValueError as exc:
         raise ConfigError(
             f"model.lora.target_modules={config.lora.target_modules} does not fit {config.name} "
             f"({str(exc).splitlines()[0]}); its linear layers are named: {', '.join(_linear_names(base))}"
         ) from None
-    smallest = min(min(m.in_features, m.out_features) for m in _lora_wrapped(model, first))
+    smallest = min(min(m.in_features, m.out_features) for m in model.modules() if isinstance(m, LoraLayer))
     if config.lora.r > smallest:
         raise ConfigError(
             f"model.lora.r={config.lora.r} exceeds the smallest adapted layer width ({smallest}); "
             f"choose a rank <= {smallest}"
         )
-    for peer in peers[1:]:
-        model.add_adapter(adapter_name(peer), lora)
-    model.to(device)
-    layout = layout_of(model, first)
-    init = torch.empty(layout.numel, device=device)
-    bind_to_flat(model, first, layout, init)
-    flats = {}
-    for peer in peers:
-        flats[peer] = init.clone()
-        bind_to_flat(model, adapter_name(peer), layout, flats[peer])
-        flats[peer].copy_(init)  # bind keeps the adapter's own random init; all peers share the first
-    return PeerModels(model, layout, flats, task)
-
-
-def _lora_wrapped(model: nn.Module, adapter: str) -> list[nn.Module]:
-    """The layers that carry ``adapter`` (peft's LoRA wrappers know their base in/out widths)."""
-    return [m for m in model.modules() if hasattr(m, "lora_A") and adapter in m.lora_A]
+    return bank_model(model, peers, task, device)

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
+from scipy import sparse
 
+from .mixing import canonical, from_entries, row_indices, row_sums
 from .seeding import derive_seed
 
 
@@ -23,16 +25,15 @@ def present_peers(seed: int, round: int, peers: int, probability: float, always:
     return present
 
 
-def restrict(W: np.ndarray, present: np.ndarray) -> np.ndarray:
+def restrict(W: sparse.csr_array, present: np.ndarray) -> sparse.csr_array:
     """W for the present peers only: absent peers keep their value and send nothing; each present
     row keeps its weights on present peers, rescaled to sum to 1 (a row left with nothing keeps
-    its own value)."""
+    its own value). Works on the stored entries, so it costs O(edges), not O(N^2)."""
     if present.all():
         return W
-    kept = W * present[None, :]
-    kept[~present] = 0.0
-    sums = kept.sum(axis=1)
-    lonely = sums == 0.0
-    kept[~lonely] /= sums[~lonely, None]
-    kept[lonely, lonely.nonzero()[0]] = 1.0
-    return kept
+    rows = row_indices(W)
+    kept = present[rows] & present[W.indices]
+    restricted = from_entries(rows[kept], W.indices[kept], W.data[kept], W.shape[0])
+    sums = row_sums(restricted)
+    restricted.data /= np.repeat(sums, np.diff(restricted.indptr))  # a row with no entries divides nothing
+    return canonical(restricted + sparse.diags_array((sums == 0.0).astype(np.float64), format="csr"))

@@ -1,19 +1,29 @@
-"""Local optimisation and evaluation of one peer's adapter on the shared base model."""
+"""Local optimisation and evaluation of the hosted peers on the peer bank.
+
+Peers train all at once (one forward and backward over their concatenated batches) or one at a
+time; either way each peer draws its batches and dropout from seeds derived from (run seed, peer,
+round), so it computes the same thing whichever process hosts it and whoever runs beside it.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .bank import PeerBank, PeerStreams
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Dataset
 from .errors import ConfigError, DivergedError
-from .factors import adapter_parameters
-from .model import CAUSAL_LM, PeerModels, adapter_name
+from .factors import FactorLayout
+from .model import CAUSAL_LM
+from .optimizers import PeerOptimizers
 from .seeding import derive_seed
+
+EVAL_TOKENS = 2**16  # tokens per evaluation forward when peers are evaluated together
 
 
 def logits_of(output) -> torch.Tensor:
@@ -21,18 +31,34 @@ def logits_of(output) -> torch.Tensor:
     return getattr(output, "logits", output)
 
 
-def batch_scores(models: PeerModels, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """(summed loss, correct predictions, counted targets) of the active adapter on one batch.
+@dataclass
+class Scores:
+    """Per row of a batch: summed loss, correct predictions and counted targets."""
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    counted: torch.Tensor
+
+
+def batch_scores(bank: PeerBank, inputs: dict[str, torch.Tensor], labels: torch.Tensor, sizes: Sequence[int]) -> Scores:
+    """Scores of each running row on its share of the batch.
 
     Classification counts examples; a causal LM counts next-token predictions (padding skipped).
     """
-    logits = logits_of(models.model(**inputs)).float()
-    if models.task == CAUSAL_LM:
-        logits, labels = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
-    loss_sum = F.cross_entropy(logits, labels, reduction="sum", ignore_index=IGNORE_INDEX)
+    logits = logits_of(bank.model(**inputs)).float()
+    if bank.task == CAUSAL_LM:
+        logits, labels = logits[:, :-1], labels[:, 1:]
     counted = labels != IGNORE_INDEX
-    correct = int(((logits.argmax(dim=-1) == labels) & counted).sum())
-    return loss_sum, correct, int(counted.sum())
+    loss = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
+    correct = (logits.argmax(dim=-1) == labels) & counted
+    per_example = [t.reshape(len(labels), -1).sum(dim=1) for t in (loss.view(labels.shape), correct, counted)]
+    return Scores(*(_per_row(t, sizes) for t in per_example))
+
+
+def _per_row(values: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    if len(set(sizes)) == 1:
+        return values.view(len(sizes), -1).sum(dim=1)
+    return torch.stack([piece.sum() for piece in values.split(list(sizes))])
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -48,70 +74,119 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-class PeerTrainer:
-    """Owns one peer's optimizer (kept across rounds unless reset) and runs its local steps.
+def part_flags(layout: FactorLayout, parts: frozenset[str]) -> list[bool]:
+    """For each layout entry, whether its part is trained."""
+    return [part in parts for part, specs in (("A", layout.a), ("B", layout.b), ("head", layout.head)) for _ in specs]
 
-    Batches and dropout draw from seeds derived from (run seed, peer, round), so a peer computes
-    the same thing whichever process hosts it.
+
+class LossScale:
+    """fp16 loss scaling per peer (as torch's GradScaler does per optimizer): a row whose gradients
+    overflow skips its step and halves its scale; 2,000 good steps in a row double it."""
+
+    GROWTH_INTERVAL = 2000
+
+    def __init__(self, rows: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.scale = torch.full((rows,), 2.0**16)
+        self.good = torch.zeros(rows, dtype=torch.int64)
+
+    def of(self, rows: Sequence[int]) -> torch.Tensor:
+        return self.scale[list(rows)] if self.enabled else torch.ones(len(rows))
+
+    def update(self, rows: Sequence[int], finite: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        index = torch.tensor(list(rows))
+        self.good[index] = torch.where(finite, self.good[index] + 1, 0)
+        grow = self.good[index] >= self.GROWTH_INTERVAL
+        self.scale[index] = torch.where(finite, torch.where(grow, self.scale[index] * 2, self.scale[index]),
+                                        self.scale[index] / 2)
+        self.good[index[grow]] = 0
+
+
+class BankTrainer:
+    """Runs the local steps of the hosted peers that train, with each peer's own optimizer.
+
+    ``datasets`` maps each training peer to its data; ``streams`` (default: the peer) keys its
+    batch and dropout seeds (the pooled learner of the centralized baseline uses one outside the peers).
     """
 
-    def __init__(self, models: PeerModels, peer: int, data: Dataset, config: TrainConfig, seed: int,
-                 precision: str = "auto", stream: int | None = None) -> None:
-        self.models, self.peer, self.data, self.config, self.seed = models, peer, data, config, seed
-        self.precision = precision
-        self.stream = peer if stream is None else stream  # key of its batch and dropout seeds
-        device = models.flats[peer].device
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        a, b, head = adapter_parameters(models.model, adapter_name(peer))
-        self.parts = {"A": [p for _, p in a], "B": [p for _, p in b], "head": [p for _, p in head]}
-        params = [p for group in self.parts.values() for p in group]
-        if config.optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        else:
-            self.optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    def __init__(self, bank: PeerBank, datasets: Mapping[int, Dataset], config: TrainConfig, seed: int,
+                 precision: str = "auto", batched: bool = False, streams: Mapping[int, int] | None = None) -> None:
+        self.bank, self.datasets, self.config, self.seed = bank, dict(datasets), config, seed
+        self.precision, self.batched = precision, batched
+        self.streams = {p: (streams or {}).get(p, p) for p in self.datasets}
+        self.optimizers = PeerOptimizers(config, bank.layout, len(bank.peers), bank.device)
+        self.scales = LossScale(len(bank.peers), precision == "fp16")
 
-    def reset_optimizer(self) -> None:
-        """Forget moments and step counts, as if the optimizer were new (its settings stay)."""
-        self.optimizer.state.clear()
+    @property
+    def peers(self) -> list[int]:
+        return list(self.datasets)
 
-    def train(self, round: int, trained_parts: frozenset[str]) -> float:
-        """Run ``local_steps`` optimizer steps on the given parts; returns the mean training loss."""
-        models, config = self.models, self.config
-        models.activate(self.peer)
-        for part, params in self.parts.items():
-            for p in params:
-                p.requires_grad_(part in trained_parts)
-        # Walk the parts in the layout's fixed order, never in the set's: a set of strings iterates
-        # in an order that changes with each process's hash seed, and the clipping norm sums over
-        # this list, so its float rounding (and every later round) would differ from run to run.
-        trainable = [p for part, params in self.parts.items() if part in trained_parts for p in params]
-        models.model.train()
-        torch.manual_seed(derive_seed(self.seed, "dropout", self.stream, round))
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, "batches", self.stream, round))
-        device = models.flats[self.peer].device
-        losses = []
+    def reset_optimizers(self, peers: Sequence[int]) -> None:
+        """Forget moments and step counts, as if the optimizers were new (their settings stay)."""
+        self.optimizers.reset([self.bank.row_of[p] for p in peers])
+
+    def train(self, round: int, peers: Sequence[int], parts: frozenset[str]) -> dict[int, float]:
+        """``local_steps`` optimizer steps of each peer on the given parts; their mean training losses."""
+        groups = [list(peers)] if self.batched and peers else [[p] for p in peers]
+        losses: dict[int, list[float]] = {p: [] for p in peers}
+        for group in groups:
+            for peer, values in zip(group, self._train_group(round, group, parts)):
+                losses[peer] = values
+        for peer, values in losses.items():
+            if not all(math.isfinite(v) for v in values):
+                raise DivergedError(
+                    f"peer {peer}, round {round}: the training loss became {values[-1]} (losses of its local steps: "
+                    f"{', '.join(f'{v:.4g}' for v in values)}); lower train.lr (now {self.config.lr:g}) or "
+                    f"train.grad_clip (now {self.config.grad_clip})"
+                )
+        return {p: sum(v) / len(v) if v else float("nan") for p, v in losses.items()}
+
+    def _train_group(self, round: int, group: list[int], parts: frozenset[str]) -> list[list[float]]:
+        bank, config = self.bank, self.config
+        rows = [bank.row_of[p] for p in group]
+        batches = {p: torch.Generator().manual_seed(derive_seed(self.seed, "batches", self.streams[p], round)) for p in group}
+        dropout = [torch.Generator().manual_seed(derive_seed(self.seed, "dropout", self.streams[p], round)) for p in group]
+        flags = part_flags(bank.layout, parts)
+        bank.model.train()
+        losses: list[list[float]] = [[] for _ in group]
         for _ in range(config.local_steps):
-            index = torch.randperm(len(self.data), generator=generator)[: config.batch_size]
-            inputs = {k: v[index].to(device) for k, v in self.data.inputs.items()}
-            labels = self.data.labels[index].to(device)
-            with autocast_for(device, self.precision):
-                loss_sum, _, count = batch_scores(models, inputs, labels)
-            loss = loss_sum / max(count, 1)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if config.grad_clip is not None and trainable:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            losses.append(loss.item())
-        if not all(math.isfinite(value) for value in losses):
-            raise DivergedError(
-                f"peer {self.peer}, round {round}: the training loss became {losses[-1]} (losses of its local steps: "
-                f"{', '.join(f'{v:.4g}' for v in losses)}); lower train.lr (now {config.lr:g}) or train.grad_clip "
-                f"(now {config.grad_clip})"
-            )
-        return sum(losses) / len(losses) if losses else float("nan")
+            drawn = [self._draw(p, batches[p]) for p in group]
+            inputs = {k: torch.cat([d.inputs[k] for d in drawn]).to(bank.device) for k in drawn[0].inputs}
+            labels = torch.cat([d.labels for d in drawn]).to(bank.device)
+            sizes = [len(d) for d in drawn]
+            scale = self.scales.of(rows).to(bank.device)
+            with bank.running(bank.rows(group), sizes, flags) as leaves, PeerStreams(bank.run, dropout, bank.device):
+                with autocast_for(bank.device, self.precision):
+                    scores = batch_scores(bank, inputs, labels, sizes)
+                mean_loss = scores.loss / scores.counted.clamp(min=1)
+                (mean_loss * scale).sum().backward()
+            grads = torch.cat([(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).reshape(len(group), -1)
+                               for leaf in leaves], dim=1)
+            grads.div_(scale[:, None])
+            finite = torch.isfinite(grads).all(dim=1) if self.scales.enabled else torch.ones(len(group), dtype=torch.bool)
+            if config.grad_clip is not None:
+                norms = torch.linalg.vector_norm(grads, dim=1)
+                grads.mul_((config.grad_clip / (norms + 1e-6)).clamp(max=1.0)[:, None])
+            stepping = [row for row, ok in zip(rows, finite.tolist()) if ok]
+            if stepping:
+                keep = finite.to(grads.device)
+                self.optimizers.step(bank.flats, stepping, grads[keep] if not keep.all() else grads, parts)
+            self.scales.update(rows, finite.cpu())
+            for values, loss in zip(losses, mean_loss.tolist()):
+                values.append(loss)
+        return losses
+
+    def _draw(self, peer: int, generator: torch.Generator) -> Dataset:
+        data = self.datasets[peer]
+        return data.subset(torch.randperm(len(data), generator=generator)[: self.config.batch_size])
+
+    def optimizer_state(self, peer: int) -> dict[str, torch.Tensor]:
+        return self.optimizers.state_of(self.bank.row_of[peer])
+
+    def load_optimizer_state(self, peer: int, state: dict[str, torch.Tensor]) -> None:
+        self.optimizers.load(self.bank.row_of[peer], state)
 
 
 @dataclass
@@ -121,19 +196,52 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(models: PeerModels, peer: int, data: Dataset, batch_size: int, precision: str = "auto") -> EvalResult:
-    """Accuracy and mean cross-entropy of ``peer``'s adapter on ``data``."""
-    if len(data) == 0:
-        return EvalResult(float("nan"), float("nan"))
-    models.activate(peer)
-    models.model.eval()
-    device = models.flats[peer].device
-    correct, counted, loss_total = 0, 0, 0.0
-    for inputs, labels in data.batches(batch_size):
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        with autocast_for(device, precision):
-            loss_sum, right, count = batch_scores(models, inputs, labels.to(device))
-        loss_total += float(loss_sum)
-        correct += right
-        counted += count
-    return EvalResult(correct / max(counted, 1), loss_total / max(counted, 1))
+def evaluate(bank: PeerBank, datasets: Mapping[int, Dataset], batch_size: int, precision: str = "auto",
+             batched: bool = False) -> dict[int, EvalResult]:
+    """Accuracy and mean cross-entropy of each peer's adapter on its dataset (peers may share one)."""
+    bank.model.eval()
+    peers = list(datasets)
+    results = {}
+    for group in _eval_groups(peers, datasets, batch_size, batched):
+        totals = torch.zeros(3, len(group), dtype=torch.float64)
+        for batch in _joined_batches([datasets[p] for p in group], batch_size):
+            present, inputs, labels = batch
+            sizes = [len(labels_p) for labels_p in labels]
+            inputs = {k: torch.cat(v).to(bank.device) for k, v in inputs.items()}
+            with bank.running(bank.rows([group[i] for i in present]), sizes), autocast_for(bank.device, precision):
+                scores = batch_scores(bank, inputs, torch.cat(labels).to(bank.device), sizes)
+            for row, values in enumerate((scores.loss, scores.correct, scores.counted)):
+                totals[row, present] += values.double().cpu()
+        for i, peer in enumerate(group):
+            loss, correct, counted = totals[:, i].tolist()
+            results[peer] = (EvalResult(correct / max(counted, 1), loss / max(counted, 1)) if counted
+                             else EvalResult(float("nan"), float("nan")))
+    return results
+
+
+def _eval_groups(peers: list[int], datasets: Mapping[int, Dataset], batch_size: int, batched: bool) -> list[list[int]]:
+    """Peers evaluated in one forward: all that fit EVAL_TOKENS when batched, else one at a time."""
+    if not batched or not peers:
+        return [[p] for p in peers]
+    sample = next(iter(datasets[peers[0]].inputs.values()))
+    tokens = batch_size * (sample.shape[1] if sample.dim() > 1 else 1)
+    size = max(1, EVAL_TOKENS // max(tokens, 1))
+    return [peers[i : i + size] for i in range(0, len(peers), size)]
+
+
+def _joined_batches(datasets: list[Dataset], batch_size: int) -> Iterator[tuple[list[int], dict[str, list], list]]:
+    """The i-th batch of every dataset that still has one: (which of them, inputs, labels) lists."""
+    streams = [d.batches(batch_size) for d in datasets]
+    while True:
+        present, inputs, labels = [], {}, []
+        for index, stream in enumerate(streams):
+            batch = next(stream, None)
+            if batch is None:
+                continue
+            present.append(index)
+            for k, v in batch[0].items():
+                inputs.setdefault(k, []).append(v)
+            labels.append(batch[1])
+        if not present:
+            return
+        yield present, inputs, labels

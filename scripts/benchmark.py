@@ -1,13 +1,18 @@
 """Speed and memory of the engine's design choices, each measured side by side with the naive way.
 
-    python scripts/benchmark.py                 # all three; about a minute on 2 CPU cores
+    python scripts/benchmark.py                 # align, exchange, memory: about a minute on 2 CPU cores
     python scripts/benchmark.py --only exchange --repeats 50
+    python scripts/benchmark.py --only scale    # whole runs against the number of peers: about 15 minutes
 
 - align:    one batched soft-Procrustes call over all modules vs one call per module;
 - exchange: one message per process pair (this project's transport) vs one message per peer-to-peer
             route, on 2 real Gloo processes over loopback;
 - memory:   N peers sharing one frozen base model in a process vs one model copy per peer
-            (resident memory of a fresh process each).
+            (resident memory of a fresh process each);
+- scale:    whole `p2p-fedrot run` commands in one process against the number of hosted peers (toy
+            MLP and the packaged MiniLM), all peers in one forward (batch_peers: true) against one
+            at a time: command time, median round time and peak resident memory, as a table and
+            docs/scale.png. On a machine with a GPU the runs use it.
 
 Prints medians over ``--repeats`` and their ratios. Figures depend on the machine: compare ratios.
 """
@@ -17,11 +22,13 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import os
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -33,7 +40,7 @@ from p2p_fedrot.align import align_modules, align_pair
 from p2p_fedrot.config import ModelConfig
 from p2p_fedrot.gossip import collect_mix_inputs, routes_of
 from p2p_fedrot.mixing import mixing_matrix
-from p2p_fedrot.model import build_peer_models
+from p2p_fedrot.model import build_bank
 from p2p_fedrot.runtime import init_runtime
 from p2p_fedrot.topology import build_topology
 from p2p_fedrot.transport import Placement, Transport
@@ -140,10 +147,10 @@ def _memory_child(peers: int, copies: bool) -> None:
     """Print the resident MB while hosting ``peers`` adapters: one shared base, or a deep copy per peer."""
     config = ModelConfig(name="packaged:minilm")
     if copies:
-        models = [build_peer_models(config, [0], 0, 5, 0, torch.device("cpu")).model]
+        models = [build_bank(config, [0], 0, 5, 0, torch.device("cpu")).model]
         models += [copy.deepcopy(models[0]) for _ in range(peers - 1)]
     else:
-        models = [build_peer_models(config, list(range(peers)), 0, 5, 0, torch.device("cpu")).model]
+        models = [build_bank(config, list(range(peers)), 0, 5, 0, torch.device("cpu")).model]
     print(f"{_resident_mb():.1f} {len(models)}")
 
 
@@ -162,12 +169,113 @@ def bench_memory(peers: int) -> None:
           f" | {peers} peers with a model each {copied:7.1f} MB (+{copied - one:.1f})")
 
 
+SCALE_CASES = {  # model: (peers to host, overrides of configs/toy.yaml or configs/demo.yaml)
+    "toy": ((16, 64, 256, 1024, 4096), ("topology=ring", "rounds=3", "train.local_steps=1", "data.partition=iid")),
+    "minilm": ((1, 8, 32, 64), ("topology=ring", "rounds=2", "train.local_steps=2", "train.batch_size=16",
+                                "data.partition=iid", "data.test_samples=64", "model.max_length=64")),
+}
+SCALE_CONFIGS = {"toy": "configs/toy.yaml", "minilm": "configs/demo.yaml"}
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+
+
+def _scale_run(model: str, peers: int, batched: bool, folder: str) -> dict:
+    """One whole command in a fresh process: its wall time, median round time (training and mixing,
+    evaluation apart) and peak resident memory."""
+    overrides = [*SCALE_CASES[model][1], f"peers={peers}", f"train.batch_peers={str(batched).lower()}",
+                 f"out={folder}", "threads=2"]
+    if model == "toy":
+        overrides.append(f"data.train_samples={32 * peers}")  # one batch of 32 per peer
+    else:
+        overrides.append(f"data.train_samples={max(16 * peers, 200)}")
+    command = [sys.executable, "-m", "p2p_fedrot", "run", SCALE_CONFIGS[model], "--overwrite"]
+    for item in overrides:
+        command += ["--set", item]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise RuntimeError(f"{model} with {peers} peers failed: {process.stderr.read()[-2000:]}")
+    with open(os.path.join(folder, "metrics.jsonl")) as lines:
+        records = [json.loads(line) for line in lines]
+    rounds = [sum(r["seconds"][k] for k in ("train", "align", "exchange")) for r in records]
+    evals = [r["seconds"]["eval"] for r in records]
+    return {"model": model, "peers": peers, "batched": batched, "command_s": wall,
+            "round_s": statistics.median(rounds), "eval_s": statistics.median(evals),
+            "peak_mb": usage.ru_maxrss / 1024}
+
+
+def bench_scale(models: list[str], one_by_one_limit: int) -> None:
+    """Every case of SCALE_CASES, both modes (one at a time only up to ``one_by_one_limit`` peers)."""
+    print("scale: whole runs in one process; round = train + align + mix (median), eval apart; peak RSS")
+    print(f"  {'model':<7} {'peers':>6} {'mode':<11} {'command s':>9} {'round s':>8} {'eval s':>7} {'peak MB':>8}")
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for model in models:
+            for peers in SCALE_CASES[model][0]:
+                for batched in (True, False):
+                    if not batched and peers > one_by_one_limit:
+                        continue
+                    row = _scale_run(model, peers, batched, os.path.join(scratch, f"{model}-{peers}-{batched}"))
+                    rows.append(row)
+                    mode = "batched" if batched else "one by one"
+                    print(f"  {model:<7} {peers:>6} {mode:<11} {row['command_s']:9.1f} {row['round_s']:8.3f}"
+                          f" {row['eval_s']:7.2f} {row['peak_mb']:8.0f}", flush=True)
+    for model in models:
+        for batched in (True, False):
+            times = {r["peers"]: r["round_s"] for r in rows if r["model"] == model and r["batched"] == batched}
+            pairs = [(a, b) for a, b in zip(sorted(times), sorted(times)[1:])]
+            growth = ", ".join(f"t({b})/t({a}) = {times[b] / times[a]:.2f}" for a, b in pairs)
+            if growth:
+                print(f"  {model} {'batched' if batched else 'one by one'}: {growth}")
+        for peers in SCALE_CASES[model][0]:
+            pair = {r["batched"]: r["round_s"] for r in rows if r["model"] == model and r["peers"] == peers}
+            if len(pair) == 2:
+                print(f"  {model} {peers} peers: one by one / batched round time = {pair[False] / pair[True]:.2f}")
+    _plot_scale(rows, os.path.join(DOCS, "scale.png"))
+
+
+def _plot_scale(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (times, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    for model in sorted({r["model"] for r in rows}):
+        for batched, style in ((True, "-o"), (False, "--s")):
+            chosen = sorted((r for r in rows if r["model"] == model and r["batched"] == batched), key=lambda r: r["peers"])
+            if not chosen:
+                continue
+            label = f"{model}, {'batched' if batched else 'one by one'}"
+            peers = [r["peers"] for r in chosen]
+            times.plot(peers, [r["round_s"] for r in chosen], style, label=label)
+            memory.plot(peers, [r["peak_mb"] for r in chosen], style, label=label)
+    for axis, title in ((times, "round time (s, median)"), (memory, "peak resident memory (MB)")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("peers hosted in one process")
+        axis.set_title(title)
+        axis.grid(True, which="both", alpha=0.3)
+    times.legend()
+    figure.suptitle(f"one process, {torch.get_num_threads()} threads, {'GPU' if torch.cuda.is_available() else 'CPU'}")
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    figure.savefig(path, dpi=120)
+    print(f"  plot: {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["align", "exchange", "memory"], action="append",
+    parser.add_argument("--only", choices=["align", "exchange", "memory", "scale"], action="append",
                         help="run only these benchmarks (repeatable)")
     parser.add_argument("--repeats", type=int, default=30, help="timed repetitions per measurement (median)")
     parser.add_argument("--peers", type=int, default=8, help="peers hosted in the memory benchmark")
+    parser.add_argument("--models", nargs="+", default=list(SCALE_CASES), choices=list(SCALE_CASES),
+                        help="models of the scale benchmark")
+    parser.add_argument("--one-by-one-limit", type=int, default=1024,
+                        help="largest peer count the scale benchmark also runs one peer at a time")
     args = parser.parse_args()
     torch.set_num_threads(1)
     chosen = args.only or ["align", "exchange", "memory"]
@@ -178,6 +286,8 @@ def main() -> None:
         bench_exchange(args.repeats)
     if "memory" in chosen:
         bench_memory(args.peers)
+    if "scale" in (args.only or []):
+        bench_scale(args.models, args.one_by_one_limit)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 from multiproc import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +124,22 @@ def output_files(out: Path) -> dict[str, bytes]:
         for path in sorted((out / folder).rglob("adapter_config.json")):
             files[str(path.relative_to(out))] = path.read_bytes()
     return files
+
+
+def assert_close_runs(reference: Path, other: Path, rtol: float) -> None:
+    """Every round's losses and consensus distance, and every adapter tensor, equal to ``rtol``
+    (relative to the largest magnitude of each tensor or list)."""
+    expected, got = comparable_metrics(reference), comparable_metrics(other)
+    assert [r["round"] for r in got] == [r["round"] for r in expected]
+    for want, have in zip(expected, got):
+        for key in ("loss", "local_loss", "consensus_distance", "aggregation_error"):
+            a, b = torch.tensor(want[key], dtype=torch.float64), torch.tensor(have[key], dtype=torch.float64)
+            assert (a - b).abs().max() <= rtol * a.abs().max(), f"round {want['round']}: {key} {want[key]} vs {have[key]}"
+    for folder in sorted((reference / "adapters").iterdir()):
+        mine = load_file(folder / "adapter_model.safetensors")
+        theirs = load_file(other / "adapters" / folder.name / "adapter_model.safetensors")
+        for key, value in mine.items():
+            assert (value - theirs[key]).abs().max() <= rtol * value.abs().max(), f"{folder.name} {key}"
 
 
 def assert_identical_runs(reference: Path, other: Path) -> None:

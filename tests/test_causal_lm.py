@@ -25,7 +25,7 @@ def test_smollm2_peers_train_and_report_perplexity(tmp_path: Path) -> None:
         "eval.every=1", "eval.batch_size=8", "train.lr=0.001", f"out={tmp_path}",
     ])
     experiment = Experiment(config, init_runtime())
-    assert experiment.models.task == "causal_lm"
+    assert experiment.bank.task == "causal_lm"
     assert {m.rsplit(".", 1)[-1] for m in experiment.layout.modules} == {"q_proj", "v_proj"}
     experiment.run()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from p2p_fedrot import checkpoint
 from p2p_fedrot.config import load_config
 from p2p_fedrot.errors import ConfigError
+from p2p_fedrot.hosting import HostedPeers
 from p2p_fedrot.runner import Experiment
 from p2p_fedrot.runtime import init_runtime
 
@@ -45,8 +46,8 @@ def test_resumed_run_equals_the_uninterrupted_run(tmp_path: Path, setting: list[
     (tmp_path / "split" / "metrics.jsonl").open("a").write('{"round": 7, "stale": true}\n')  # trimmed on resume
     resumed = run(tmp_path / "split", "rounds=5", "resume=true", *setting)
     assert_same_metrics(read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split"))
-    for peer, state in whole.states.items():
-        torch.testing.assert_close(resumed.states[peer].flat, state.flat, rtol=0, atol=1e-6)
+    for peer, state in whole.peers.states.items():
+        torch.testing.assert_close(resumed.peers.states[peer].flat, state.flat, rtol=0, atol=1e-6)
     state_file = tmp_path / "split" / "adapters" / "method_state.safetensors"
     assert state_file.is_file() == ("method=fedex" in setting)
     if state_file.is_file():  # fedex's folded base weights are saved with the adapters
@@ -68,21 +69,21 @@ def test_only_the_newest_complete_checkpoint_is_kept(tmp_path: Path) -> None:
 
 def test_a_run_killed_mid_way_resumes_from_its_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     whole = run(tmp_path / "whole", "rounds=6", *ADAMW)
-    train = Experiment.train_and_align
+    train = HostedPeers.train
 
-    def crash_in_round_five(self: Experiment, round: int, clock) -> int:
+    def crash_in_round_five(self: HostedPeers, round: int, present, clock) -> None:
         if round == 5:
             raise KeyboardInterrupt
-        return train(self, round, clock)
+        train(self, round, present, clock)
 
     with monkeypatch.context() as patch:
-        patch.setattr(Experiment, "train_and_align", crash_in_round_five)
+        patch.setattr(HostedPeers, "train", crash_in_round_five)
         with pytest.raises(KeyboardInterrupt):
             run(tmp_path / "split", "rounds=6", "checkpoint_every=2", *ADAMW)  # checkpoints after rounds 2 and 4
     assert json.loads((checkpoint.folder_of(tmp_path / "split") / checkpoint.LATEST).read_text())["round"] == 3
     resumed = run(tmp_path / "split", "rounds=6", "checkpoint_every=2", "resume=true", *ADAMW)
     assert_same_metrics(read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split"))
-    torch.testing.assert_close(resumed.states[3].flat, whole.states[3].flat, rtol=0, atol=1e-6)
+    torch.testing.assert_close(resumed.peers.states[3].flat, whole.peers.states[3].flat, rtol=0, atol=1e-6)
 
 
 def test_resume_refuses_a_different_run(tmp_path: Path) -> None:
@@ -123,7 +124,7 @@ def test_a_finished_run_is_not_computed_again(tmp_path: Path) -> None:
     rewritten = json.loads((tmp_path / "summary.json").read_text())
     for key in ("final_mean_accuracy", "final_min_accuracy", "bytes_sent_total", "payload_bytes"):
         assert rewritten[key] == summary[key], key
-    assert again.states[2].flat.equal(load_file(checkpoint.latest(tmp_path).folder / "peer_002.safetensors")["flat"])
+    assert again.peers.states[2].flat.equal(load_file(checkpoint.latest(tmp_path).folder / "peer_002.safetensors")["flat"])
 
 
 def test_outputs_of_another_run_are_replaced_only_when_asked(tmp_path: Path) -> None:

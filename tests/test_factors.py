@@ -1,41 +1,44 @@
-"""Flat factor buffers: parameters are views, training writes through, parts extract and insert."""
+"""Flat factor buffers: a peer's buffer is its bank row, the model reads it, parts extract and insert."""
 
 from __future__ import annotations
 
 import torch
 
 from p2p_fedrot.config import ModelConfig
-from p2p_fedrot.model import adapter_name, build_peer_models
+from p2p_fedrot.model import build_bank
 
 
-def toy_models(peers=(0, 1)):
-    return build_peer_models(ModelConfig(), list(peers), input_dim=16, num_classes=3, seed=0, device=torch.device("cpu"))
+def toy_bank(peers=(0, 1)):
+    return build_bank(ModelConfig(), list(peers), input_dim=16, num_classes=3, seed=0, device=torch.device("cpu"))
 
 
-def test_parameters_are_views_of_the_flat_buffer() -> None:
-    models = toy_models()
-    flat = models.flats[1]
-    params = [p for n, p in models.model.named_parameters() if f".{adapter_name(1)}." in n]
-    end = flat.data_ptr() + flat.numel() * flat.element_size()
-    assert params and all(flat.data_ptr() <= p.data_ptr() < end for p in params)
-    flat.add_(1.0)  # B starts at zero, so after the write-through every B entry is exactly 1
-    state = dict(models.model.named_parameters())
-    name = next(n for n in state if f"lora_B.{adapter_name(1)}" in n)
-    assert torch.equal(state[name], torch.ones_like(state[name]))
-    other = next(n for n in state if f"lora_B.{adapter_name(0)}" in n)
-    assert torch.all(state[other] == 0)  # another peer's buffer is untouched
+def test_a_peers_buffer_is_its_bank_row_and_the_layers_read_it() -> None:
+    bank = toy_bank()
+    flat = bank.flat(1)
+    assert flat.data_ptr() == bank.flats[1].data_ptr()
+    features = torch.randn(5, 16)
+    bank.model.eval()
+    with torch.no_grad(), bank.running(bank.rows([1]), [5]):
+        before = bank.model(features=features)
+    flat.add_(0.1)  # B starts at zero: now peer 1's LoRA path contributes
+    with torch.no_grad(), bank.running(bank.rows([1]), [5]):
+        after_1 = bank.model(features=features)
+    with torch.no_grad(), bank.running(bank.rows([0]), [5]):
+        after_0 = bank.model(features=features)
+    assert not torch.allclose(before, after_1)
+    assert torch.equal(before, after_0)  # another peer's row is untouched
 
 
 def test_all_peers_start_from_the_same_factors() -> None:
-    models = toy_models((0, 1, 2))
-    assert torch.equal(models.flats[0], models.flats[1]) and torch.equal(models.flats[1], models.flats[2])
-    a = models.layout.a_views(models.flats[0])
+    bank = toy_bank((0, 1, 2))
+    assert torch.equal(bank.flat(0), bank.flat(1)) and torch.equal(bank.flat(1), bank.flat(2))
+    a = bank.layout.a_views(bank.flat(0))
     assert all(v.abs().sum() > 0 for v in a)  # A random, B zero: the peft init
-    assert all(v.abs().sum() == 0 for v in models.layout.b_views(models.flats[0]))
+    assert all(v.abs().sum() == 0 for v in bank.layout.b_views(bank.flat(0)))
 
 
 def test_layout_segments_extract_and_insert() -> None:
-    layout = toy_models().layout
+    layout = toy_bank().layout
     flat = torch.arange(layout.numel, dtype=torch.float32)
     a_start, a_end = layout.segments["A"]
     assert layout.ranges(["A", "B", "head"]) == [(0, layout.numel)]

@@ -9,11 +9,13 @@ import networkx as nx
 import numpy as np
 import pytest
 import torch
+from scipy import sparse
 
 from multiproc import spawn_ranks
 from p2p_fedrot.errors import PeerError
-from p2p_fedrot.gossip import collect_mix_inputs, weighted_sum
+from p2p_fedrot.gossip import collect_mix_inputs, keeps_own_value, routes_of, row_entries, weighted_sum
 from p2p_fedrot.mixing import mixing_matrix, server_mixing_steps
+from p2p_fedrot.participation import present_peers, restrict
 from p2p_fedrot.topology import build_topology
 from p2p_fedrot.runtime import Runtime, agree, init_runtime
 from p2p_fedrot.transport import Placement, Transport
@@ -29,7 +31,7 @@ def known_vectors() -> np.ndarray:
     return np.random.default_rng(7).normal(size=(PEERS, 5)).astype(np.float32)
 
 
-def mix_worker(rank: int, world: int, steps: list[np.ndarray], X: np.ndarray) -> dict:
+def mix_worker(rank: int, world: int, steps: list[sparse.csr_array], X: np.ndarray) -> dict:
     """Apply the mixing steps to X on this rank's peers; return their final vectors and wire bytes."""
     runtime = init_runtime("gloo", timeout_s=30)
     placement = Placement(PEERS, world, rank)
@@ -41,7 +43,7 @@ def mix_worker(rank: int, world: int, steps: list[np.ndarray], X: np.ndarray) ->
     return {"values": {p: v.numpy() for p, v in values.items()}, "wire_bytes": transport.wire_bytes}
 
 
-def run_mix(steps: list[np.ndarray], X: np.ndarray, world: int) -> tuple[np.ndarray, list[int]]:
+def run_mix(steps: list[sparse.csr_array], X: np.ndarray, world: int) -> tuple[np.ndarray, list[int]]:
     results = [mix_worker(0, 1, steps, X)] if world == 1 else spawn_ranks(mix_worker, world, steps, X, timeout=90)
     out = np.zeros_like(X)
     for result in results:
@@ -59,6 +61,35 @@ def test_one_gossip_step_equals_W_x(name: str, world: int) -> None:
     np.testing.assert_allclose(out, W @ X.astype(np.float64), rtol=0, atol=1e-6)
     if world == 1:
         assert wire == [0]  # co-hosted peers exchange in memory
+
+
+def test_routes_and_identity_rows_come_from_the_stored_entries() -> None:
+    W = restrict(mixing_matrix(nx.path_graph(4)), np.array([True, True, False, True]))
+    assert routes_of(W) == [(1, 0), (0, 1)]  # (source, destination) by destination then source
+    assert [keeps_own_value(W, p) for p in range(4)] == [False, False, True, True]  # 3 lost its only neighbour
+    up, down = server_mixing_steps([1, 0, 2])  # client 2 has no examples: it sends the hub nothing
+    assert routes_of(up) == [(1, 0), (3, 0)] and routes_of(down) == [(0, 1), (0, 2), (0, 3)]
+    assert row_entries(up, 0) == [(1, 1 / 3), (3, 2 / 3)] and row_entries(down, 2) == [(0, 1.0)]
+
+
+def test_each_input_list_is_its_row_in_ascending_j() -> None:
+    W = mixing_matrix(nx.lollipop_graph(4, 4))
+    transport = Transport(Placement(PEERS, 1, 0), torch.device("cpu"), timeout_s=5)
+    values = {p: torch.full((2,), float(p)) for p in range(PEERS)}
+    inputs, dropped = collect_mix_inputs(transport, W, values)
+    dense = W.toarray()
+    assert not dropped and sorted(inputs) == list(range(PEERS))
+    for i, pairs in inputs.items():
+        assert [(w, int(x[0])) for w, x in pairs] == [(dense[i, j], j) for j in np.flatnonzero(dense[i])]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_gossip_over_a_restricted_step_equals_R_x(world: int) -> None:
+    """Partial participation: absent peers keep their value, the others mix over who is there."""
+    R = restrict(mixing_matrix(GRAPHS["torus"]), present_peers(seed=5, round=0, peers=PEERS, probability=0.5))
+    X = known_vectors()
+    out, _ = run_mix([R], X, world)
+    np.testing.assert_allclose(out, R @ X.astype(np.float64), rtol=0, atol=1e-6)
 
 
 def test_messages_are_one_per_process_pair() -> None:

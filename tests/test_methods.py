@@ -12,7 +12,8 @@ import torch
 from p2p_fedrot.config import load_config
 from p2p_fedrot.errors import ConfigError
 from p2p_fedrot.methods.decaf import truncated_product_svd
-from p2p_fedrot.runner import Experiment, RoundClock
+from p2p_fedrot.records import RoundClock
+from p2p_fedrot.runner import Experiment
 from p2p_fedrot.runtime import init_runtime
 
 TOY = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
@@ -25,7 +26,7 @@ def experiment(tmp_path: Path, *overrides: str) -> Experiment:
 
 def part(exp: Experiment, peer: int, name: str) -> torch.Tensor:
     start, end = exp.layout.segments[name]
-    return exp.states[peer].flat[start:end].clone()
+    return exp.peers.states[peer].flat[start:end].clone()
 
 
 def metrics(path: Path) -> list[dict]:
@@ -61,13 +62,13 @@ def test_only_the_scheduled_factor_trains(tmp_path: Path, method: str, schedule:
     for round, factor in enumerate(schedule):
         frozen = "A" if factor == "B" else "B"
         before = {p: (part(exp, p, factor), part(exp, p, frozen)) for p in range(8)}
-        exp.train_and_align(round, RoundClock())
+        exp.peers.train(round, exp.schedule.present_at(round), RoundClock())
         for p in range(8):
             assert torch.equal(part(exp, p, frozen), before[p][1]), (round, p)
             if round > 0 or factor == "B":
                 assert not torch.equal(part(exp, p, factor), before[p][0]), (round, p)
-        exp.exchange_and_mix(round, RoundClock())
-    sent = [exp.payload_bytes(r) for r in range(4)]
+        exp.mixer.mix(round, exp.peers.states, RoundClock(), measure=False)
+    sent = [exp.mixer.payload_bytes(r, 0, 4) for r in range(4)]
     if method == "rolora":
         assert sent == [part_bytes(exp, f, "head") for f in schedule]
     else:
@@ -113,7 +114,7 @@ def test_decaf_never_forms_a_d_by_d_matrix(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def products(exp: Experiment, peer: int) -> list[torch.Tensor]:
-    flat = exp.states[peer].flat
+    flat = exp.peers.states[peer].flat
     return [b.double() @ a.double() for a, b in zip(exp.layout.a_views(flat), exp.layout.b_views(flat))]
 
 
@@ -122,9 +123,9 @@ def test_decaf_rounds_on_a_graph_give_the_truncated_svd_of_the_mixed_products(tm
     W = exp.schedule.round_mixing(0)
     r = exp.config.model.lora.r
     for round in range(3):
-        exp.train_and_align(round, RoundClock())
+        exp.peers.train(round, exp.schedule.present_at(round), RoundClock())
         before = {p: products(exp, p) for p in range(6)}
-        exp.exchange_and_mix(round, RoundClock())
+        exp.mixer.mix(round, exp.peers.states, RoundClock(), measure=False)
         for i in range(6):
             for m, mixed_after in enumerate(products(exp, i)):
                 mixed = sum(W[i, j] * before[j][m] for j in range(6) if W[i, j] > 0)
@@ -140,7 +141,8 @@ def test_decaf_trains_end_to_end_on_a_ring(tmp_path: Path) -> None:
 
 
 def adam_steps(exp: Experiment, peer: int) -> set[int]:
-    return {int(state["step"]) for state in exp.trainers[peer].optimizer.state.values()}
+    steps = exp.peers.trainer.optimizer_state(peer)["optimizer.steps"]
+    return {int(s) for s in steps if s > 0}
 
 
 @pytest.mark.parametrize("method,rule,reset", [("fedit", "method", False), ("decaf", "method", True),
@@ -149,16 +151,16 @@ def test_optimizer_state_follows_the_method_rule_or_the_config(tmp_path: Path, m
     exp = experiment(tmp_path, f"method={method}", "train.optimizer=adamw", "train.lr=0.01",
                      f"train.optimizer_state={rule}")
     for round in range(3):
-        exp.train_and_align(round, RoundClock())
-        exp.exchange_and_mix(round, RoundClock())
+        exp.peers.train(round, exp.schedule.present_at(round), RoundClock())
+        exp.mixer.mix(round, exp.peers.states, RoundClock(), measure=False)
     assert adam_steps(exp, 0) == ({3} if reset else {9})  # 3 local steps a round, 3 rounds
 
 
 def test_fedsa_never_sends_B(tmp_path: Path) -> None:
     exp = experiment(tmp_path, "method=fedsa")
     sent_payloads = []
-    exchange = exp.transport.exchange
-    exp.transport.exchange = lambda payloads, *args, **kwargs: sent_payloads.extend(payloads.values()) or exchange(payloads, *args, **kwargs)
+    exchange = exp.mixer.transport.exchange
+    exp.mixer.transport.exchange = lambda payloads, *args, **kwargs: sent_payloads.extend(payloads.values()) or exchange(payloads, *args, **kwargs)
     summary = exp.run()
     assert summary["payload_bytes"] == part_bytes(exp, "A", "head")
     assert all(p.numel() * 4 == part_bytes(exp, "A", "head") for p in sent_payloads)
@@ -172,7 +174,7 @@ def test_fedrot_with_lam_zero_is_fedit_bit_for_bit(tmp_path: Path) -> None:
     fedrot = experiment(tmp_path / "fedrot", "method=fedrot", "method_args.lam=0")
     fedrot.run()
     for peer in range(8):
-        assert torch.equal(fedit.states[peer].flat, fedrot.states[peer].flat)
+        assert torch.equal(fedit.peers.states[peer].flat, fedrot.peers.states[peer].flat)
     for a, b in zip(metrics(tmp_path / "fedit"), metrics(tmp_path / "fedrot")):
         assert a["accuracy"] == b["accuracy"] and a["consensus_distance"] == b["consensus_distance"]
 
@@ -188,29 +190,29 @@ def test_flexlora_needs_the_server_topology_and_matches_a_hand_step(tmp_path: Pa
         experiment(tmp_path / "ring", "method=flexlora")
     exp = experiment(tmp_path / "server", "method=flexlora", "topology=server", "peers=5", "rounds=1")
     clients = list(range(1, 5))
-    exp.train_and_align(0, RoundClock())
+    exp.peers.train(0, exp.schedule.present_at(0), RoundClock())
     weights = np.array([len(exp.data.clients[c].train) for c in clients], dtype=np.float64)
     weights /= weights.sum()
     expected = []
     for m in range(len(exp.layout.modules)):
-        As = [exp.layout.a_views(exp.states[c].flat)[m] for c in clients]
-        Bs = [exp.layout.b_views(exp.states[c].flat)[m] for c in clients]
+        As = [exp.layout.a_views(exp.peers.states[c].flat)[m] for c in clients]
+        Bs = [exp.layout.b_views(exp.peers.states[c].flat)[m] for c in clients]
         product = sum(float(w) * b.double() @ a.double() for w, a, b in zip(weights, As, Bs))
         u, s, vh = torch.linalg.svd(product)
         r = As[0].shape[0]
         expected.append(u[:, :r] @ torch.diag(s[:r]) @ vh[:r])
-    exp.exchange_and_mix(0, RoundClock())
+    exp.mixer.mix(0, exp.peers.states, RoundClock(), measure=False)
     for node in range(5):
         for m, target in enumerate(expected):
-            B = exp.layout.b_views(exp.states[node].flat)[m].double()
-            A = exp.layout.a_views(exp.states[node].flat)[m].double()
+            B = exp.layout.b_views(exp.peers.states[node].flat)[m].double()
+            A = exp.layout.a_views(exp.peers.states[node].flat)[m].double()
             torch.testing.assert_close(B @ A, target, atol=1e-5, rtol=1e-4)
 
 
 def test_pairwise_fedrot_undoes_neighbour_rotations_before_averaging(tmp_path: Path) -> None:
     """Neighbours holding rotated copies of a peer's factors: receiver-side alignment recovers them exactly."""
     exp = experiment(tmp_path, "method=fedrot", "method_args={lam: 1.0, reference: pairwise}")
-    layout, state = exp.layout, exp.states[0]
+    layout, state = exp.layout, exp.peers.states[0]
     g = torch.Generator().manual_seed(0)
     state.flat.copy_(torch.randn(state.flat.shape, generator=g))
     inputs = [(0.5, state.flat.clone())]
@@ -232,7 +234,7 @@ def test_pairwise_fedrot_in_server_mode_leaves_every_client_with_the_global_fact
     exp = experiment(tmp_path, "method=fedrot", "method_args={reference: pairwise}", "topology=server", "peers=5")
     exp.run()
     for client in range(1, 5):
-        assert torch.equal(exp.states[client].flat, exp.states[0].flat)
+        assert torch.equal(exp.peers.states[client].flat, exp.peers.states[0].flat)
     errors = [m["aggregation_error"] for m in metrics(tmp_path)]
     assert all(e > 0 for e in errors[1:])  # the hub averages factors, not products
 
@@ -240,48 +242,48 @@ def test_pairwise_fedrot_in_server_mode_leaves_every_client_with_the_global_fact
 def test_fedex_effective_weights_are_the_exact_average_of_products(tmp_path: Path) -> None:
     exp = experiment(tmp_path, "method=fedex", "topology=server", "peers=5", "rounds=1")
     layout, clients = exp.layout, list(range(1, 5))
-    modules = dict(exp.models.model.named_modules())
-    base_before = [modules[m].get_base_layer().weight.detach().clone() for m in layout.modules]
-    exp.train_and_align(0, RoundClock())
+    modules = dict(exp.bank.model.named_modules())
+    base_before = [modules[m].base.weight.detach().clone() for m in layout.modules]
+    exp.peers.train(0, exp.schedule.present_at(0), RoundClock())
     weights = np.array([len(exp.data.clients[c].train) for c in clients], dtype=np.float64)
     weights /= weights.sum()
-    exact = [sum(float(w) * s * layout.b_views(exp.states[c].flat)[m].double() @ layout.a_views(exp.states[c].flat)[m].double()
+    exact = [sum(float(w) * s * layout.b_views(exp.peers.states[c].flat)[m].double() @ layout.a_views(exp.peers.states[c].flat)[m].double()
                  for w, c in zip(weights, clients))
              for m, s in enumerate(layout.scalings)]
-    exp.exchange_and_mix(0, RoundClock())
+    exp.mixer.mix(0, exp.peers.states, RoundClock(), measure=False)
     for m, (name, s) in enumerate(zip(layout.modules, layout.scalings)):
-        base_after = modules[name].get_base_layer().weight.detach().double()
+        base_after = modules[name].base.weight.detach().double()
         for c in clients:
-            effective = base_after + s * layout.b_views(exp.states[c].flat)[m].double() @ layout.a_views(exp.states[c].flat)[m].double()
+            effective = base_after + s * layout.b_views(exp.peers.states[c].flat)[m].double() @ layout.a_views(exp.peers.states[c].flat)[m].double()
             torch.testing.assert_close(effective, base_before[m].double() + exact[m], atol=1e-5, rtol=0)
     for round in range(1, 3):  # later rounds fold again on top of what earlier rounds folded
-        base_before = [modules[m].get_base_layer().weight.detach().double().clone() for m in layout.modules]
-        exp.train_and_align(round, RoundClock())
+        base_before = [modules[m].base.weight.detach().double().clone() for m in layout.modules]
+        exp.peers.train(round, exp.schedule.present_at(round), RoundClock())
         trained = {c: products(exp, c) for c in clients}
-        exp.exchange_and_mix(round, RoundClock())
+        exp.mixer.mix(round, exp.peers.states, RoundClock(), measure=False)
         for m, (name, s) in enumerate(zip(layout.modules, layout.scalings)):
             exact = base_before[m] + s * sum(float(w) * trained[c][m] for w, c in zip(weights, clients))
-            effective = modules[name].get_base_layer().weight.detach().double() + s * products(exp, 1)[m]
+            effective = modules[name].base.weight.detach().double() + s * products(exp, 1)[m]
             torch.testing.assert_close(effective, exact, atol=1e-5, rtol=0)
     residual_bytes = 4 * sum(b.shape[0] * a.shape[1] for a, b in zip(layout.a, layout.b))
     factor_bytes = 4 * layout.numel
-    assert exp.round_bytes(0) == 4 * factor_bytes + 4 * (factor_bytes + residual_bytes)  # 4 clients up, hub down
+    assert exp.mixer.round_bytes(0, 4) == 4 * factor_bytes + 4 * (factor_bytes + residual_bytes)  # 4 clients up, hub down
 
 
 def test_centralized_is_one_learner_on_the_pooled_data(tmp_path: Path) -> None:
     from p2p_fedrot.data import pool
-    from p2p_fedrot.runner import POOLED_STREAM
-    from p2p_fedrot.training import PeerTrainer
+    from p2p_fedrot.hosting import POOLED_STREAM
+    from p2p_fedrot.training import BankTrainer
 
     exp = experiment(tmp_path / "run", "method=centralized", "rounds=3")
     config = exp.config
     hand = experiment(tmp_path / "hand", "method=local", "rounds=3")  # fresh models, same init
     everything = pool([hand.data.clients[p].train for p in range(8)])
     assert len(everything) == sum(len(hand.data.clients[p].train) for p in range(8))
-    learner = PeerTrainer(hand.models, 0, everything, config.train, config.seed, stream=POOLED_STREAM)
+    learner = BankTrainer(hand.bank, {0: everything}, config.train, config.seed, streams={0: POOLED_STREAM})
     for round in range(3):
-        learner.train(round, frozenset({"A", "B", "head"}))
+        learner.train(round, [0], frozenset({"A", "B", "head"}))
     summary = exp.run()
     for peer in range(8):
-        assert torch.equal(exp.states[peer].flat, hand.states[0].flat)
+        assert torch.equal(exp.peers.states[peer].flat, hand.peers.states[0].flat)
     assert summary["bytes_sent_total"] == 0

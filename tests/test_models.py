@@ -39,11 +39,11 @@ def test_saved_peer_adapter_reloads_with_the_same_logits(tmp_path: Path) -> None
     experiment = run_small(tmp_path)
     peer = 2
     batch = {k: v[:8] for k, v in experiment.data.test.inputs.items()}
-    experiment.models.activate(peer)
-    experiment.models.model.eval()
-    with torch.no_grad():
-        expected = experiment.models.model(**batch).logits
-    source = experiment.models.model.peft_config["peer_002"].base_model_name_or_path
+    bank = experiment.bank
+    bank.model.eval()
+    with torch.no_grad(), bank.running(bank.rows([peer]), [8]):
+        expected = bank.model(**batch).logits
+    source = json.loads((tmp_path / "adapters" / "peer_002" / "adapter_config.json").read_text())["base_model_name_or_path"]
     torch.manual_seed(123)  # a different random head underneath: the adapter must carry the trained one
     base = AutoModelForSequenceClassification.from_pretrained(source, num_labels=5)
     reloaded = PeftModel.from_pretrained(base, tmp_path / "adapters" / "peer_002").eval()

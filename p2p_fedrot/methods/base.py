@@ -12,7 +12,8 @@ A new method is one small subclass registered with :func:`register`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from functools import cached_property
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -38,9 +39,15 @@ class MethodContext:
     """Run facts a method may need to configure itself."""
 
     layout: FactorLayout
-    spectral_gap: float  # of one round's mixing (1 - rho); of the average round for time-varying graphs
+    planning_gap: Callable[[], float]  # computes spectral_gap; read the property, which computes it once
     server: bool  # the topology is the star server mode
     model: nn.Module | None = None  # the process's shared peft model, for methods that touch base weights
+
+    @cached_property
+    def spectral_gap(self) -> float:
+        """1 - rho of one round's mixing (of the average round for time-varying graphs). Computed on
+        first read: on thousands of peers the eigen-solve takes seconds that most methods never need."""
+        return self.planning_gap()
 
 
 class Method:

@@ -64,7 +64,7 @@ class FedEx(Method):
 
     def _base_weights(self) -> dict[str, torch.Tensor]:
         modules = dict(self.context.model.named_modules())
-        return {name: modules[name].get_base_layer().weight for name in self.context.layout.modules}
+        return {name: modules[name].base.weight for name in self.context.layout.modules}
 
     def _residual(self, inputs: Sequence[tuple[float, torch.Tensor]], averaged: torch.Tensor) -> torch.Tensor:
         layout = self.context.layout

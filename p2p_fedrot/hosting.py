@@ -1,0 +1,93 @@
+"""The peers one process hosts: their bank rows, their method state, their trainer and their data."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, methods
+from .adapters import save_peer_adapters
+from .bank import PeerBank
+from .config import RunConfig
+from .data import FederatedData, pool
+from .records import RoundClock
+from .training import BankTrainer, EvalResult, evaluate
+
+POOLED_STREAM = 2**32 - 1  # seed key of the pooled learner's batches (never a peer id)
+
+
+class HostedPeers:
+    """Local training, evaluation and saving of the hosted peers; the method decides what they do.
+
+    For a pooled-data method one learner trains on all the data with the same seeds on every
+    process, so each process trains it once and its other hosted clients copy the result.
+    """
+
+    def __init__(self, config: RunConfig, bank: PeerBank, method: methods.Method, data: FederatedData,
+                 clients: list[int], batched: bool) -> None:
+        self.config, self.bank, self.method, self.data, self.batched = config, bank, method, data, batched
+        self.clients = [p for p in bank.peers if p in set(clients)]  # hosted clients (not the server's hub)
+        self.states = {p: methods.PeerState(p, bank.flat(p)) for p in bank.peers}
+        c = config
+        if method.pooled_data and self.clients:
+            everything = pool([data.clients[p].train for p in clients])
+            datasets, streams = {self.clients[0]: everything}, {self.clients[0]: POOLED_STREAM}
+        else:
+            datasets, streams = {p: data.clients[p].train for p in self.clients}, None
+        self.trainer = BankTrainer(bank, datasets, c.train, c.seed, c.model.precision, batched, streams)
+        rule = c.train.optimizer_state
+        self.reset_optimizer = rule == "reset" or (rule == "method" and method.resets_optimizer)
+
+    def train(self, round: int, present, clock: RoundClock) -> None:
+        """Local steps, then the method's pre-send hook, on every hosted client present this round."""
+        method = self.method
+        training = [p for p in self.trainer.peers if present[p] or method.pooled_data]
+        if method.needs_reference:
+            for p in training:
+                self.states[p].reference = self.states[p].flat.detach().clone()
+        if self.reset_optimizer and round > 0:
+            self.trainer.reset_optimizers(training)
+        since = time.perf_counter()
+        self.trainer.train(round, training, method.trained_parts(round))
+        since = clock.add("train", since)
+        for p in training:
+            method.before_send(self.states[p], round)
+        clock.add("align", since)
+        if method.pooled_data and training:
+            for other in self.clients:
+                self.states[other].flat.copy_(self.states[training[0]].flat)
+
+    def evaluate(self) -> dict[int, tuple[float, float, float, float]]:
+        """(accuracy, loss) on the shared test set and on its own test split, per hosted client."""
+        batch, precision = self.config.eval.batch_size, self.config.model.precision
+        shared = evaluate(self.bank, {p: self.data.test for p in self.clients}, batch, precision, self.batched)
+        own = evaluate(self.bank, {p: self.data.clients[p].local_test for p in self.clients}, batch, precision,
+                       self.batched)
+        return {p: _pair(shared[p]) + _pair(own[p]) for p in self.clients}
+
+    def save(self, folder: Path) -> None:
+        """Every hosted peer's buffer and optimizer state into a checkpoint folder."""
+        for peer in self.bank.peers:
+            state = self.trainer.optimizer_state(peer) if peer in self.trainer.peers else {}
+            checkpoint.save_peer(folder, peer, self.states[peer].flat, state)
+
+    def restore(self, found: checkpoint.Checkpoint, first_client: int) -> None:
+        """Load buffers and optimizer states (the pooled learner's from the first client's file)."""
+        for peer in self.bank.peers:
+            self.states[peer].flat.copy_(found.peer(peer)["flat"])
+        for peer in self.trainer.peers:
+            source = found.peer(first_client if self.method.pooled_data else peer)
+            self.trainer.load_optimizer_state(peer, source)
+
+    def save_adapters(self, folder: Path) -> None:
+        save_peer_adapters(self.bank, self.clients, folder)
+
+    def client_rows(self) -> torch.Tensor:
+        """The hosted clients' buffers as rows (clients x numel)."""
+        return self.bank.rows(self.clients) if self.clients else self.bank.flats[:0]
+
+
+def _pair(result: EvalResult) -> tuple[float, float]:
+    return result.accuracy, result.loss

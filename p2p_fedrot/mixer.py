@@ -1,0 +1,104 @@
+"""A round's communication: each mixing step's exchange and combine for every hosted peer.
+
+On evaluated rounds it also measures, where the data already is, how far each mixing peer's new
+adapter is from the exact W-weighted mix of the adapters its neighbourhood sent.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import CommConfig
+from .factors import FactorLayout
+from .faults import corrupted
+from .gossip import MixInputs, collect_mix_inputs, routes_of, row_entries
+from .methods.base import ALL_PARTS, Method, PeerState
+from .metrics import aggregation_errors
+from .records import RoundClock
+from .schedule import MixingSchedule
+from .transport import Transport
+from .validation import PayloadRules
+
+
+@dataclass
+class MixOutcome:
+    """Payloads refused this round, and (absolute, relative) aggregation errors of the mixing rows
+    measured on this process (only when asked)."""
+
+    dropped: list[dict] = field(default_factory=list)
+    errors: list[tuple[float, float]] = field(default_factory=list)
+
+
+class Mixer:
+    """Runs the method's pack / exchange / combine along the schedule's mixing steps."""
+
+    def __init__(self, method: Method, schedule: MixingSchedule, layout: FactorLayout, transport: Transport,
+                 probe: Transport, comm: CommConfig) -> None:
+        self.method, self.schedule, self.layout, self.comm = method, schedule, layout, comm
+        self.transport = transport
+        self.probe = probe  # carries whole buffers for the error metric when payloads are partial (not counted)
+        self.rules = PayloadRules(comm.validate, comm.max_norm_ratio, comm.on_bad_payload)
+
+    def mix(self, round: int, states: dict[int, PeerState], clock: RoundClock, measure: bool) -> MixOutcome:
+        """Apply each mixing step of the round to every hosted peer."""
+        outcome = MixOutcome()
+        parts = self.method.sent_parts(round)
+        if not parts:
+            return outcome
+        for k, W in enumerate(self.schedule.steps_at(round)):
+            since = time.perf_counter()
+            payloads = {p: self.method.pack(s, round, k, self.layout.extract(s.flat, parts)) for p, s in states.items()}
+            mixes, dropped = collect_mix_inputs(
+                self.transport, W, payloads, step=f"round {round} step {k}",
+                numel_of=lambda src: self.method.payload_numel(round, k, src),
+                outgoing=self.drill(payloads, round), rules=self.rules, tag=(round, k))
+            outcome.dropped += [bad.as_record(round) for bad in dropped]
+            refused = {(bad.sender, bad.receiver) for bad in dropped}
+            since = clock.add("exchange", since)
+            sent = self.sent_buffers(round, k, W, states, mixes, parts, refused) if measure else {}
+            since = clock.add("eval", since)  # what the error metric needs is not the exchange's cost
+            # every row's inputs are read before any row is written: local inputs are views of buffers
+            updates = {i: self.method.combine(states[i], round, inputs) for i, inputs in mixes.items()}
+            for i, value in updates.items():
+                self.layout.insert(states[i].flat, parts, value)
+            since = clock.add("exchange", since)
+            outcome.errors += list(aggregation_errors(self.layout, sent, {i: states[i].flat for i in sent}).values())
+            clock.add("eval", since)  # the metric's own cost
+        return outcome
+
+    def sent_buffers(self, round: int, k: int, W, states: dict[int, PeerState], mixes: dict[int, MixInputs],
+                     parts: frozenset[str], refused: set[tuple[int, int]]) -> dict[int, MixInputs]:
+        """For each row that mixes several inputs, its (W_ij, buffer of j as sent) pairs: the payloads
+        themselves (copied) when they are whole buffers, else whole buffers fetched over the probe."""
+        rows = {i: inputs for i, inputs in mixes.items() if len(inputs) > 1}
+        whole = parts == ALL_PARTS and all(x.numel() == self.layout.numel for inputs in rows.values() for _, x in inputs)
+        if whole or not rows:  # copies: mixing then overwrites the buffers that local inputs view
+            return {i: [(w, x.clone()) for w, x in inputs] for i, inputs in rows.items()}
+        buffers = {p: s.flat.clone() for p, s in states.items()}
+        received = self.probe.exchange(buffers, routes_of(W), numel_of=lambda src: self.layout.numel,
+                                       step=f"round {round} step {k} (metrics)", tag=(round, -1 - k))
+        received.update(buffers)
+        senders = {i: [j for j, _ in row_entries(W, i) if (j, i) not in refused] for i in rows}
+        return {i: [(w, received[j]) for (w, _), j in zip(inputs, senders[i])] for i, inputs in rows.items()}
+
+    def drill(self, payloads: dict[int, torch.Tensor], round: int) -> dict[int, torch.Tensor]:
+        """What the hosted peers send: their payloads, one corrupted if ``comm.inject_fault`` says so."""
+        fault = self.comm.inject_fault
+        if not fault or fault["round"] != round or fault["peer"] not in payloads:
+            return payloads
+        bad = corrupted(payloads[fault["peer"]], fault["kind"], self.comm.max_norm_ratio)
+        return {**payloads, fault["peer"]: bad}
+
+    def round_bytes(self, round: int, element_size: int) -> int:
+        """Bytes all peers send in a round: one payload per directed route of every mixing step."""
+        if not self.method.sent_parts(round):
+            return 0
+        return sum(self.method.payload_numel(round, k, src) * element_size
+                   for k, W in enumerate(self.schedule.steps_at(round)) for src, _ in routes_of(W))
+
+    def payload_bytes(self, round: int, sender: int, element_size: int) -> int:
+        """Size of one peer's message in the round's first step (what a gossip peer sends each neighbour)."""
+        return self.method.payload_numel(round, 0, sender) * element_size if self.method.sent_parts(round) else 0

@@ -1,0 +1,105 @@
+"""Sums across processes whose bits do not depend on how the summands are split over processes.
+
+Float addition is not associative, so an all-reduce of float partial sums changes in the last bits
+with the number of processes (and with the order in which a backend combines them). Here every
+summand is rounded to a multiple of one power-of-two quantum q, agreed by all processes from the
+global max |summand|, and summed as int64: integer sums are exact, hence order-independent.
+
+Precision: with ``bits = 62 - ceil(log2(count))`` and peak < 2^e, q = 2^(e - bits), so each summand
+is off by at most q/2 <= peak * 2^-bits, and the int64 total (at most 2^62 in magnitude) cannot
+overflow. The total is then rounded once to float64 (half an ulp of the result).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+Reduce = Callable[[torch.Tensor, str], None]
+"""In-place all-reduce of a tensor over every process, with op "sum" or "max"."""
+
+
+def local_reduce(tensor: torch.Tensor, op: str) -> None:
+    """A single process: its values are already the totals."""
+
+
+def distributed_reduce(group: dist.ProcessGroup | None = None) -> Reduce:
+    """A :data:`Reduce` over ``group`` with torch.distributed.all_reduce."""
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+    def reduce(tensor: torch.Tensor, op: str) -> None:
+        dist.all_reduce(tensor, op=ops[op], group=group)
+
+    return reduce
+
+
+def global_peaks(local: torch.Tensor, reduce: Reduce) -> list[float]:
+    """Elementwise max over processes of local bounds on |summand|. NaN counts as inf: whether a
+    backend's max keeps a NaN can depend on the order it compares in, while an inf always wins."""
+    peaks = local.double().nan_to_num(nan=math.inf, posinf=math.inf)
+    reduce(peaks, "max")
+    return peaks.tolist()
+
+
+def _times_power_of_two(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x * 2^n, exactly, in two steps so that neither factor over- or underflows float64."""
+    return x * 2.0 ** (n // 2) * 2.0 ** (n - n // 2)
+
+
+class FixedPointSum:
+    """Accumulates summands in int64 at one quantum shared by every process; :meth:`total` combines.
+
+    ``peak`` must be the same on every process (from :func:`global_peaks`) and bound every summand's
+    |value| (one a little too small, say by rounding, is still safe: int64 keeps a spare bit);
+    ``count`` is the number of summands over all processes. Every process calls :meth:`total` once,
+    in the same order relative to its other reduces. A peak of inf or NaN (non-finite summands)
+    gives a total full of the plain float sum of all values (NaN or +-inf) rather than a crash; a
+    peak of 0 gives exact zeros without communicating.
+    """
+
+    def __init__(self, peak: float, count: int, shape: Sequence[int], device: torch.device) -> None:
+        if peak > 0 and count < 1:
+            raise ValueError(f"count must be at least 1 for nonzero summands, got {count}")
+        self.peak, self.count, self.shape, self.added = peak, count, tuple(shape), 0
+        self.finite = math.isfinite(peak)
+        bits = 62 - (max(count, 1) - 1).bit_length()
+        self.shift = bits - math.frexp(peak)[1] if self.finite else 0
+        # int64 multiples of 2^-shift; or, for non-finite summands, their plain float sum
+        self.acc = (torch.zeros(self.shape, dtype=torch.int64, device=device) if self.finite
+                    else torch.zeros(1, dtype=torch.float64, device=device))
+
+    def add(self, summands: torch.Tensor) -> None:
+        """Add this process's summands, shape (k, *shape)."""
+        self.added += summands.shape[0]
+        if self.added > self.count:
+            raise ValueError(f"more than the announced {self.count} summands")
+        if self.peak == 0:
+            return
+        x = summands.double()
+        if self.finite:
+            self.acc += _times_power_of_two(x, self.shift).round().to(torch.int64).sum(0)
+        else:
+            self.acc += x.sum()
+
+    def total(self, reduce: Reduce) -> torch.Tensor:
+        """The sum over every process's summands, float64 of shape ``shape``."""
+        if self.peak == 0:
+            return torch.zeros(self.shape, dtype=torch.float64, device=self.acc.device)
+        reduce(self.acc, "sum")
+        if not self.finite:
+            return self.acc[0].expand(self.shape).clone()
+        return _times_power_of_two(self.acc.double(), -self.shift)
+
+
+def exact_sum(summands: torch.Tensor, reduce: Reduce, count: int) -> torch.Tensor:
+    """Sum over dim 0 of every process's ``summands`` (k, ...), k possibly 0; ``count`` is the total
+    number of summands over all processes. float64, bit-identical whatever the split and order."""
+    x = summands.double()
+    local = x.abs().amax() if x.numel() else x.new_zeros(())
+    (peak,) = global_peaks(local.reshape(1), reduce)
+    accumulator = FixedPointSum(peak, count, x.shape[1:], x.device)
+    accumulator.add(x)
+    return accumulator.total(reduce)
