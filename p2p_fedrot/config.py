@@ -69,7 +69,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
     optimizer_state: str = "method"  # method (the method's rule) | keep (across rounds) | reset (every round)
-    batch_peers: bool | str = "auto"  # true: all hosted peers in one forward | false: one at a time | auto
+    batch_peers: bool | str | int = "auto"  # true: all hosted peers in one forward | k: k at a time | false | auto
 
 
 @dataclass
@@ -242,7 +242,9 @@ def validate(config: RunConfig) -> None:
         (config.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (config.train.lr > 0, "train.lr must be positive"),
         (config.train.optimizer in ("sgd", "adamw"), "train.optimizer must be sgd or adamw"),
-        (config.train.batch_peers in (True, False, "auto"), "train.batch_peers must be true, false or auto"),
+        (isinstance(config.train.batch_peers, bool) or config.train.batch_peers == "auto"
+         or (isinstance(config.train.batch_peers, int) and config.train.batch_peers >= 1),
+         "train.batch_peers must be true, false, auto or a number of peers per forward (>= 1)"),
         (config.train.optimizer_state in ("method", "keep", "reset"),
          "train.optimizer_state must be method, keep or reset"),
         (config.train.grad_clip is None or config.train.grad_clip > 0, "train.grad_clip must be positive or null"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import checkpoint, methods
@@ -26,8 +27,8 @@ class HostedPeers:
     """
 
     def __init__(self, config: RunConfig, bank: PeerBank, method: methods.Method, data: FederatedData,
-                 clients: list[int], batched: bool) -> None:
-        self.config, self.bank, self.method, self.data, self.batched = config, bank, method, data, batched
+                 clients: list[int], group: int) -> None:
+        self.config, self.bank, self.method, self.data, self.group = config, bank, method, data, group
         self.clients = [p for p in bank.peers if p in set(clients)]  # hosted clients (not the server's hub)
         self.states = {p: methods.PeerState(p, bank.flat(p)) for p in bank.peers}
         c = config
@@ -36,11 +37,11 @@ class HostedPeers:
             datasets, streams = {self.clients[0]: everything}, {self.clients[0]: POOLED_STREAM}
         else:
             datasets, streams = {p: data.clients[p].train for p in self.clients}, None
-        self.trainer = BankTrainer(bank, datasets, c.train, c.seed, c.model.precision, batched, streams)
+        self.trainer = BankTrainer(bank, datasets, c.train, c.seed, c.model.precision, group, streams)
         rule = c.train.optimizer_state
         self.reset_optimizer = rule == "reset" or (rule == "method" and method.resets_optimizer)
 
-    def train(self, round: int, present, clock: RoundClock) -> None:
+    def train(self, round: int, present: np.ndarray, clock: RoundClock) -> None:
         """Local steps, then the method's pre-send hook, on every hosted client present this round."""
         method = self.method
         training = [p for p in self.trainer.peers if present[p] or method.pooled_data]
@@ -62,9 +63,9 @@ class HostedPeers:
     def evaluate(self) -> dict[int, tuple[float, float, float, float]]:
         """(accuracy, loss) on the shared test set and on its own test split, per hosted client."""
         batch, precision = self.config.eval.batch_size, self.config.model.precision
-        shared = evaluate(self.bank, {p: self.data.test for p in self.clients}, batch, precision, self.batched)
+        shared = evaluate(self.bank, {p: self.data.test for p in self.clients}, batch, precision, self.group)
         own = evaluate(self.bank, {p: self.data.clients[p].local_test for p in self.clients}, batch, precision,
-                       self.batched)
+                       self.group)
         return {p: _pair(shared[p]) + _pair(own[p]) for p in self.clients}
 
     def save(self, folder: Path) -> None:
@@ -78,8 +79,8 @@ class HostedPeers:
         for peer in self.bank.peers:
             self.states[peer].flat.copy_(found.peer(peer)["flat"])
         for peer in self.trainer.peers:
-            source = found.peer(first_client if self.method.pooled_data else peer)
-            self.trainer.load_optimizer_state(peer, source)
+            source = first_client if self.method.pooled_data else peer
+            self.trainer.load_optimizer_state(peer, found.peer(source), str(checkpoint.peer_file(found.folder, source)))
 
     def save_adapters(self, folder: Path) -> None:
         save_peer_adapters(self.bank, self.clients, folder)

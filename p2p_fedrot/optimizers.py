@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from .config import TrainConfig
+from .errors import ConfigError
 from .factors import PARTS, FactorLayout
 
 BETAS = (0.9, 0.999)  # AdamW's defaults in torch
@@ -68,7 +69,13 @@ class PeerOptimizers:
                 state[key] = tensor[row].cpu()
         return state
 
-    def load(self, row: int, state: dict[str, torch.Tensor]) -> None:
+    def load(self, row: int, state: dict[str, torch.Tensor], where: str) -> None:
+        """Restore a row from its checkpoint file (``where`` names it in errors)."""
+        missing = [key for key in ("optimizer.steps", "optimizer.moment", "optimizer.second")
+                   if key not in state and (key == "optimizer.steps" or getattr(self, key.split(".")[1]) is not None)]
+        if missing:
+            raise ConfigError(f"{where} holds no {missing[0]}: it was written by an older version of p2p_fedrot or "
+                              f"with another train.optimizer; start afresh with --overwrite or another out")
         self.steps[row] = state["optimizer.steps"]
         for key, tensor in (("optimizer.moment", self.moment), ("optimizer.second", self.second)):
             if tensor is not None:

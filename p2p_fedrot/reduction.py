@@ -16,24 +16,9 @@ import math
 from typing import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 
 Reduce = Callable[[torch.Tensor, str], None]
 """In-place all-reduce of a tensor over every process, with op "sum" or "max"."""
-
-
-def local_reduce(tensor: torch.Tensor, op: str) -> None:
-    """A single process: its values are already the totals."""
-
-
-def distributed_reduce(group: dist.ProcessGroup | None = None) -> Reduce:
-    """A :data:`Reduce` over ``group`` with torch.distributed.all_reduce."""
-    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
-
-    def reduce(tensor: torch.Tensor, op: str) -> None:
-        dist.all_reduce(tensor, op=ops[op], group=group)
-
-    return reduce
 
 
 def global_peaks(local: torch.Tensor, reduce: Reduce) -> list[float]:

@@ -35,6 +35,7 @@ from .reduction import exact_sum
 from .runtime import Runtime, agree, init_runtime, launch_id, plain_process_name
 from .schedule import MixingSchedule
 from .topology import build_topology
+from .training import peers_per_forward
 from .transport import Placement, Transport
 
 PER_PROCESS_KEYS = ("out", "threads", "comm.timeout_s")  # settings that may differ between a launch's processes
@@ -71,13 +72,6 @@ def digest(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def batches_peers(setting: str | bool) -> bool:
-    """``train.batch_peers``: auto steps all hosted peers in one forward, which is faster on a GPU
-    (sequential batches of 16 leave it idle) and on CPU (no per-peer Python overhead). One peer at
-    a time is what makes runs bit-identical across process counts."""
-    return setting is True or setting == "auto"
-
-
 class Experiment:
     """One run on one process: the hosted peers, the mixing schedule and the outputs."""
 
@@ -101,8 +95,8 @@ class Experiment:
             raise ConfigError(f"method {config.method} folds every round's residual into the base weights that all "
                               "peers of a process share, so every client must take part in every round; set "
                               "participation: 1")
-        self.batched = batches_peers(config.train.batch_peers)
-        self.peers = HostedPeers(config, self.bank, self.method, self.data, self.clients, self.batched)
+        self.per_forward = peers_per_forward(config.train.batch_peers, self.bank, self.data.test, config.train.batch_size)
+        self.hosted = HostedPeers(config, self.bank, self.method, self.data, self.clients, self.per_forward)
         transport = Transport(self.placement, runtime.device, config.comm.timeout_s, runtime.wire_device)
         probe = Transport(self.placement, runtime.device, config.comm.timeout_s, runtime.wire_device)
         self.mixer = Mixer(self.method, self.schedule, self.layout, transport, probe, config.comm)
@@ -136,8 +130,8 @@ class Experiment:
             for round in range(plan.first_round, self.config.rounds):
                 clock = RoundClock()
                 evaluate_now = (round + 1) % self.config.eval.every == 0 or round == self.config.rounds - 1
-                self.peers.train(round, self.schedule.present_at(round), clock)
-                mixed = self.mixer.mix(round, self.peers.states, clock, measure=evaluate_now)
+                self.hosted.train(round, self.schedule.present_at(round), clock)
+                mixed = self.mixer.mix(round, self.hosted.states, clock, measure=evaluate_now)
                 self.dropped += mixed.dropped
                 sent = self.mixer.round_bytes(round, self.bank.flats.element_size())
                 self.bytes_total += sent
@@ -178,9 +172,9 @@ class Experiment:
         """Every hosted client's scores; the metrics summed exactly over processes; the round's record
         on process 0 (an empty dict elsewhere)."""
         since = time.perf_counter()
-        results = self.group.gather_objects((self.peers.evaluate(), self.dropped), "gathering evaluation results")
+        results = self.group.gather_objects((self.hosted.evaluate(), self.dropped), "gathering evaluation results")
         self.dropped = []
-        metrics = {"consensus_distance": consensus_distance(self.layout, self.peers.client_rows(), len(self.clients),
+        metrics = {"consensus_distance": consensus_distance(self.layout, self.hosted.client_rows(), len(self.clients),
                                                             self.group.reduce),
                    **self.mean_errors(mixed.errors)}
         clock.add("eval", since)
@@ -210,7 +204,7 @@ class Experiment:
     def save_checkpoint(self, round: int, elapsed: float) -> None:
         """Each process writes its peers; once all have, process 0 commits the checkpoint."""
         folder = checkpoint.round_folder(self.out, round)
-        self.peers.save(folder)
+        self.hosted.save(folder)
         if self.runtime.rank == 0:
             checkpoint.save_shared(folder, self.method.state_tensors())
         # payloads refused since the last record belong to the next one, even after a resume
@@ -227,7 +221,7 @@ class Experiment:
         found = plan.checkpoint
         if found is None:
             return
-        self.peers.restore(found, self.clients[0])
+        self.hosted.restore(found, self.clients[0])
         self.method.load_state_tensors(found.shared())
         self.bytes_total = plan.bytes_total
         if self.runtime.rank == 0:  # process 0 assembles the records, so it carries the earlier drops
@@ -237,8 +231,8 @@ class Experiment:
     def finish(self, last: dict, wall: float) -> dict:
         """Save every adapter (each process its own peers), then the summary on process 0."""
         adapters = self.out / outputs.ADAPTERS
-        self.peers.save_adapters(adapters)
-        mean = exact_sum(self.peers.client_rows().double(), self.group.reduce, len(self.clients)) / len(self.clients)
+        self.hosted.save_adapters(adapters)
+        mean = exact_sum(self.hosted.client_rows().double(), self.group.reduce, len(self.clients)) / len(self.clients)
         wire = torch.tensor([float(self.mixer.transport.wire_bytes)], dtype=torch.float64)
         self.group.reduce(wire, "sum", "summing wire bytes")
         if self.runtime.rank != 0:
@@ -254,7 +248,7 @@ class Experiment:
             "topology": self.topology.name,
             "backend": self.runtime.backend or "single-process",
             "threads": torch.get_num_threads(),
-            "batch_peers": self.batched,
+            "peers_per_forward": self.per_forward,
             "payload_bytes": self.mixer.payload_bytes(0, self.clients[0], self.bank.flats.element_size()),
             "bytes_sent_total": self.bytes_total,
             "wire_bytes_total": int(wire.item()),

@@ -46,11 +46,6 @@ class MixingSchedule:
             self._round = round
         return self._steps
 
-    def round_mixing(self, round: int) -> sparse.csr_array:
-        """One whole round's mixing among the peers present: the product of its steps (the server's
-        is exact averaging)."""
-        return compose(self.steps_at(round))
-
     def planning_gap(self) -> float:
         """The spectral gap methods plan with: one round's, or for a time-varying graph that of its
         average round over a window (a single random matching is disconnected; matchings mix).

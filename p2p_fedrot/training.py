@@ -79,6 +79,27 @@ def part_flags(layout: FactorLayout, parts: frozenset[str]) -> list[bool]:
     return [part in parts for part, specs in (("A", layout.a), ("B", layout.b), ("head", layout.head)) for _ in specs]
 
 
+CPU_BATCHING_WORK = 1e9  # base parameters x tokens of one peer's batch below which CPU steps are overhead-bound
+
+
+def peers_per_forward(setting: str | bool | int, bank: PeerBank, data: Dataset, batch_size: int) -> int:
+    """``train.batch_peers`` as the number of hosted peers that train in one forward (1: one at a
+    time). auto: all of them on a GPU (sequential small batches leave it idle) and, on CPU, for
+    small models, whose steps cost less than the per-peer Python overhead; one at a time for larger
+    models on CPU, where a joint forward is no faster and holds every peer's activations at once
+    (measured: README, speed and memory)."""
+    hosted = len(bank.peers)
+    if setting is True or setting is False:
+        return hosted if setting else 1
+    if setting != "auto":
+        return int(setting)
+    if bank.device.type == "cuda":
+        return hosted
+    sample = next(iter(data.inputs.values()))
+    tokens = batch_size * (sample.shape[1] if sample.dim() > 1 else 1)
+    return hosted if sum(p.numel() for p in bank.model.parameters()) * tokens < CPU_BATCHING_WORK else 1
+
+
 class LossScale:
     """fp16 loss scaling per peer (as torch's GradScaler does per optimizer): a row whose gradients
     overflow skips its step and halves its scale; 2,000 good steps in a row double it."""
@@ -112,9 +133,9 @@ class BankTrainer:
     """
 
     def __init__(self, bank: PeerBank, datasets: Mapping[int, Dataset], config: TrainConfig, seed: int,
-                 precision: str = "auto", batched: bool = False, streams: Mapping[int, int] | None = None) -> None:
+                 precision: str = "auto", group: int = 1, streams: Mapping[int, int] | None = None) -> None:
         self.bank, self.datasets, self.config, self.seed = bank, dict(datasets), config, seed
-        self.precision, self.batched = precision, batched
+        self.precision, self.group = precision, group
         self.streams = {p: (streams or {}).get(p, p) for p in self.datasets}
         self.optimizers = PeerOptimizers(config, bank.layout, len(bank.peers), bank.device)
         self.scales = LossScale(len(bank.peers), precision == "fp16")
@@ -129,7 +150,8 @@ class BankTrainer:
 
     def train(self, round: int, peers: Sequence[int], parts: frozenset[str]) -> dict[int, float]:
         """``local_steps`` optimizer steps of each peer on the given parts; their mean training losses."""
-        groups = [list(peers)] if self.batched and peers else [[p] for p in peers]
+        peers = list(peers)
+        groups = [peers[i : i + self.group] for i in range(0, len(peers), self.group)]
         losses: dict[int, list[float]] = {p: [] for p in peers}
         for group in groups:
             for peer, values in zip(group, self._train_group(round, group, parts)):
@@ -185,8 +207,8 @@ class BankTrainer:
     def optimizer_state(self, peer: int) -> dict[str, torch.Tensor]:
         return self.optimizers.state_of(self.bank.row_of[peer])
 
-    def load_optimizer_state(self, peer: int, state: dict[str, torch.Tensor]) -> None:
-        self.optimizers.load(self.bank.row_of[peer], state)
+    def load_optimizer_state(self, peer: int, state: dict[str, torch.Tensor], where: str) -> None:
+        self.optimizers.load(self.bank.row_of[peer], state, where)
 
 
 @dataclass
@@ -197,35 +219,35 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(bank: PeerBank, datasets: Mapping[int, Dataset], batch_size: int, precision: str = "auto",
-             batched: bool = False) -> dict[int, EvalResult]:
+             group: int = 1) -> dict[int, EvalResult]:
     """Accuracy and mean cross-entropy of each peer's adapter on its dataset (peers may share one)."""
     bank.model.eval()
     peers = list(datasets)
     results = {}
-    for group in _eval_groups(peers, datasets, batch_size, batched):
-        totals = torch.zeros(3, len(group), dtype=torch.float64)
-        for batch in _joined_batches([datasets[p] for p in group], batch_size):
+    for chosen in _eval_groups(peers, datasets, batch_size, group):
+        totals = torch.zeros(3, len(chosen), dtype=torch.float64)
+        for batch in _joined_batches([datasets[p] for p in chosen], batch_size):
             present, inputs, labels = batch
             sizes = [len(labels_p) for labels_p in labels]
             inputs = {k: torch.cat(v).to(bank.device) for k, v in inputs.items()}
-            with bank.running(bank.rows([group[i] for i in present]), sizes), autocast_for(bank.device, precision):
+            with bank.running(bank.rows([chosen[i] for i in present]), sizes), autocast_for(bank.device, precision):
                 scores = batch_scores(bank, inputs, torch.cat(labels).to(bank.device), sizes)
             for row, values in enumerate((scores.loss, scores.correct, scores.counted)):
                 totals[row, present] += values.double().cpu()
-        for i, peer in enumerate(group):
+        for i, peer in enumerate(chosen):
             loss, correct, counted = totals[:, i].tolist()
             results[peer] = (EvalResult(correct / max(counted, 1), loss / max(counted, 1)) if counted
                              else EvalResult(float("nan"), float("nan")))
     return results
 
 
-def _eval_groups(peers: list[int], datasets: Mapping[int, Dataset], batch_size: int, batched: bool) -> list[list[int]]:
-    """Peers evaluated in one forward: all that fit EVAL_TOKENS when batched, else one at a time."""
-    if not batched or not peers:
+def _eval_groups(peers: list[int], datasets: Mapping[int, Dataset], batch_size: int, group: int) -> list[list[int]]:
+    """Peers evaluated in one forward: up to ``group`` of them, as many as fit EVAL_TOKENS."""
+    if group == 1 or not peers:
         return [[p] for p in peers]
     sample = next(iter(datasets[peers[0]].inputs.values()))
     tokens = batch_size * (sample.shape[1] if sample.dim() > 1 else 1)
-    size = max(1, EVAL_TOKENS // max(tokens, 1))
+    size = max(1, min(group, EVAL_TOKENS // max(tokens, 1)))
     return [peers[i : i + size] for i in range(0, len(peers), size)]
 
 

@@ -169,11 +169,14 @@ def bench_memory(peers: int) -> None:
           f" | {peers} peers with a model each {copied:7.1f} MB (+{copied - one:.1f})")
 
 
-SCALE_CASES = {  # model: (peers to host, overrides of configs/toy.yaml or configs/demo.yaml)
-    "toy": ((16, 64, 256, 1024, 4096), ("topology=ring", "rounds=3", "train.local_steps=1", "data.partition=iid")),
-    "minilm": ((1, 8, 32, 64), ("topology=ring", "rounds=2", "train.local_steps=2", "train.batch_size=16",
-                                "data.partition=iid", "data.test_samples=64", "model.max_length=64")),
+SCALE_CASES = {  # model: (peers to host, peers per forward when batched, overrides of its config)
+    "toy": ((16, 64, 256, 1024, 4096), "true", ("topology=ring", "rounds=3", "train.local_steps=1",
+                                                "data.partition=iid")),
+    # at most 8 MiniLM peers per forward: a joint forward holds every peer's activations (32 peers: 10 GB)
+    "minilm": ((2, 8, 32, 64), "8", ("topology=ring", "rounds=2", "train.local_steps=2", "train.batch_size=16",
+                                     "data.partition=iid", "data.test_samples=64", "model.max_length=64")),
 }
+SCALE_THREADS = 2
 SCALE_CONFIGS = {"toy": "configs/toy.yaml", "minilm": "configs/demo.yaml"}
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 
@@ -181,12 +184,10 @@ DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 def _scale_run(model: str, peers: int, batched: bool, folder: str) -> dict:
     """One whole command in a fresh process: its wall time, median round time (training and mixing,
     evaluation apart) and peak resident memory."""
-    overrides = [*SCALE_CASES[model][1], f"peers={peers}", f"train.batch_peers={str(batched).lower()}",
-                 f"out={folder}", "threads=2"]
-    if model == "toy":
-        overrides.append(f"data.train_samples={32 * peers}")  # one batch of 32 per peer
-    else:
-        overrides.append(f"data.train_samples={max(16 * peers, 200)}")
+    _, per_forward, settings = SCALE_CASES[model]
+    overrides = [*settings, f"peers={peers}", f"train.batch_peers={per_forward if batched else 'false'}",
+                 f"out={folder}", f"threads={SCALE_THREADS}"]
+    overrides.append(f"data.train_samples={32 * peers}")  # 32 examples per peer
     command = [sys.executable, "-m", "p2p_fedrot", "run", SCALE_CONFIGS[model], "--overwrite"]
     for item in overrides:
         command += ["--set", item]
@@ -208,7 +209,9 @@ def _scale_run(model: str, peers: int, batched: bool, folder: str) -> dict:
 
 def bench_scale(models: list[str], one_by_one_limit: int) -> None:
     """Every case of SCALE_CASES, both modes (one at a time only up to ``one_by_one_limit`` peers)."""
-    print("scale: whole runs in one process; round = train + align + mix (median), eval apart; peak RSS")
+    print("scale: whole runs in one process; round = train + align + mix (median), eval apart; peak RSS;")
+    print("  batched = " + ", ".join(f"{m}: {'all' if SCALE_CASES[m][1] == 'true' else SCALE_CASES[m][1]} peers per forward"
+                                     for m in models))
     print(f"  {'model':<7} {'peers':>6} {'mode':<11} {'command s':>9} {'round s':>8} {'eval s':>7} {'peak MB':>8}")
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -259,7 +262,8 @@ def _plot_scale(rows: list[dict], path: str) -> None:
         axis.set_title(title)
         axis.grid(True, which="both", alpha=0.3)
     times.legend()
-    figure.suptitle(f"one process, {torch.get_num_threads()} threads, {'GPU' if torch.cuda.is_available() else 'CPU'}")
+    device = "GPU" if torch.cuda.is_available() else f"CPU, {SCALE_THREADS} threads"
+    figure.suptitle(f"p2p-fedrot run in one process ({device})")
     figure.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     figure.savefig(path, dpi=120)

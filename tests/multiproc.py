@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
@@ -57,3 +58,12 @@ def spawn_ranks(fn, world: int, *args, timeout: float = 120.0, may_fail: tuple[i
             else:
                 results.append(torch.load(path, weights_only=False))
         return results
+
+
+def local_reduce(tensor: torch.Tensor, op: str) -> None:
+    """A metrics reduce for one process: its values are already the totals."""
+
+
+def distributed_reduce(tensor: torch.Tensor, op: str) -> None:
+    """A metrics reduce over the default group, without the runner's error naming."""
+    dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])

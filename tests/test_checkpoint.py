@@ -46,8 +46,8 @@ def test_resumed_run_equals_the_uninterrupted_run(tmp_path: Path, setting: list[
     (tmp_path / "split" / "metrics.jsonl").open("a").write('{"round": 7, "stale": true}\n')  # trimmed on resume
     resumed = run(tmp_path / "split", "rounds=5", "resume=true", *setting)
     assert_same_metrics(read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split"))
-    for peer, state in whole.peers.states.items():
-        torch.testing.assert_close(resumed.peers.states[peer].flat, state.flat, rtol=0, atol=1e-6)
+    for peer, state in whole.hosted.states.items():
+        torch.testing.assert_close(resumed.hosted.states[peer].flat, state.flat, rtol=0, atol=1e-6)
     state_file = tmp_path / "split" / "adapters" / "method_state.safetensors"
     assert state_file.is_file() == ("method=fedex" in setting)
     if state_file.is_file():  # fedex's folded base weights are saved with the adapters
@@ -83,7 +83,7 @@ def test_a_run_killed_mid_way_resumes_from_its_last_checkpoint(tmp_path: Path, m
     assert json.loads((checkpoint.folder_of(tmp_path / "split") / checkpoint.LATEST).read_text())["round"] == 3
     resumed = run(tmp_path / "split", "rounds=6", "checkpoint_every=2", "resume=true", *ADAMW)
     assert_same_metrics(read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split"))
-    torch.testing.assert_close(resumed.peers.states[3].flat, whole.peers.states[3].flat, rtol=0, atol=1e-6)
+    torch.testing.assert_close(resumed.hosted.states[3].flat, whole.hosted.states[3].flat, rtol=0, atol=1e-6)
 
 
 def test_resume_refuses_a_different_run(tmp_path: Path) -> None:
@@ -111,6 +111,16 @@ def test_a_damaged_checkpoint_is_named(tmp_path: Path) -> None:
         run(tmp_path, "rounds=3", "resume=true")
 
 
+def test_a_checkpoint_without_optimizer_state_is_named(tmp_path: Path) -> None:
+    """A peer file lacking the optimizer's moments (an older format) stops the resume with its path."""
+    run(tmp_path, "rounds=2", *ADAMW)
+    path = checkpoint.latest(tmp_path).folder / "peer_005.safetensors"
+    tensors = {k: v for k, v in load_file(path).items() if k != "optimizer.second"}
+    checkpoint.save_tensors(path, tensors)
+    with pytest.raises(ConfigError, match=r"peer_005\.safetensors holds no optimizer\.second: .*--overwrite"):
+        run(tmp_path, "rounds=3", *ADAMW)
+
+
 def test_a_finished_run_is_not_computed_again(tmp_path: Path) -> None:
     """Re-running a finished command rewrites its adapters and summary from the checkpoint, bit for bit."""
     run(tmp_path, "rounds=3")
@@ -124,7 +134,7 @@ def test_a_finished_run_is_not_computed_again(tmp_path: Path) -> None:
     rewritten = json.loads((tmp_path / "summary.json").read_text())
     for key in ("final_mean_accuracy", "final_min_accuracy", "bytes_sent_total", "payload_bytes"):
         assert rewritten[key] == summary[key], key
-    assert again.peers.states[2].flat.equal(load_file(checkpoint.latest(tmp_path).folder / "peer_002.safetensors")["flat"])
+    assert again.hosted.states[2].flat.equal(load_file(checkpoint.latest(tmp_path).folder / "peer_002.safetensors")["flat"])
 
 
 def test_outputs_of_another_run_are_replaced_only_when_asked(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ def experiment(tmp_path: Path, *overrides: str) -> Experiment:
 
 def part(exp: Experiment, peer: int, name: str) -> torch.Tensor:
     start, end = exp.layout.segments[name]
-    return exp.peers.states[peer].flat[start:end].clone()
+    return exp.hosted.states[peer].flat[start:end].clone()
 
 
 def metrics(path: Path) -> list[dict]:
@@ -62,12 +62,12 @@ def test_only_the_scheduled_factor_trains(tmp_path: Path, method: str, schedule:
     for round, factor in enumerate(schedule):
         frozen = "A" if factor == "B" else "B"
         before = {p: (part(exp, p, factor), part(exp, p, frozen)) for p in range(8)}
-        exp.peers.train(round, exp.schedule.present_at(round), RoundClock())
+        exp.hosted.train(round, exp.schedule.present_at(round), RoundClock())
         for p in range(8):
             assert torch.equal(part(exp, p, frozen), before[p][1]), (round, p)
             if round > 0 or factor == "B":
                 assert not torch.equal(part(exp, p, factor), before[p][0]), (round, p)
-        exp.mixer.mix(round, exp.peers.states, RoundClock(), measure=False)
+        exp.mixer.mix(round, exp.hosted.states, RoundClock(), measure=False)
     sent = [exp.mixer.payload_bytes(r, 0, 4) for r in range(4)]
     if method == "rolora":
         assert sent == [part_bytes(exp, f, "head") for f in schedule]
@@ -114,18 +114,18 @@ def test_decaf_never_forms_a_d_by_d_matrix(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def products(exp: Experiment, peer: int) -> list[torch.Tensor]:
-    flat = exp.peers.states[peer].flat
+    flat = exp.hosted.states[peer].flat
     return [b.double() @ a.double() for a, b in zip(exp.layout.a_views(flat), exp.layout.b_views(flat))]
 
 
 def test_decaf_rounds_on_a_graph_give_the_truncated_svd_of_the_mixed_products(tmp_path: Path) -> None:
     exp = experiment(tmp_path, "method=decaf", "topology=erdos_renyi", "peers=6")
-    W = exp.schedule.round_mixing(0)
+    (W,) = exp.schedule.steps_at(0)
     r = exp.config.model.lora.r
     for round in range(3):
-        exp.peers.train(round, exp.schedule.present_at(round), RoundClock())
+        exp.hosted.train(round, exp.schedule.present_at(round), RoundClock())
         before = {p: products(exp, p) for p in range(6)}
-        exp.mixer.mix(round, exp.peers.states, RoundClock(), measure=False)
+        exp.mixer.mix(round, exp.hosted.states, RoundClock(), measure=False)
         for i in range(6):
             for m, mixed_after in enumerate(products(exp, i)):
                 mixed = sum(W[i, j] * before[j][m] for j in range(6) if W[i, j] > 0)
@@ -141,7 +141,7 @@ def test_decaf_trains_end_to_end_on_a_ring(tmp_path: Path) -> None:
 
 
 def adam_steps(exp: Experiment, peer: int) -> set[int]:
-    steps = exp.peers.trainer.optimizer_state(peer)["optimizer.steps"]
+    steps = exp.hosted.trainer.optimizer_state(peer)["optimizer.steps"]
     return {int(s) for s in steps if s > 0}
 
 
@@ -151,8 +151,8 @@ def test_optimizer_state_follows_the_method_rule_or_the_config(tmp_path: Path, m
     exp = experiment(tmp_path, f"method={method}", "train.optimizer=adamw", "train.lr=0.01",
                      f"train.optimizer_state={rule}")
     for round in range(3):
-        exp.peers.train(round, exp.schedule.present_at(round), RoundClock())
-        exp.mixer.mix(round, exp.peers.states, RoundClock(), measure=False)
+        exp.hosted.train(round, exp.schedule.present_at(round), RoundClock())
+        exp.mixer.mix(round, exp.hosted.states, RoundClock(), measure=False)
     assert adam_steps(exp, 0) == ({3} if reset else {9})  # 3 local steps a round, 3 rounds
 
 
@@ -174,7 +174,7 @@ def test_fedrot_with_lam_zero_is_fedit_bit_for_bit(tmp_path: Path) -> None:
     fedrot = experiment(tmp_path / "fedrot", "method=fedrot", "method_args.lam=0")
     fedrot.run()
     for peer in range(8):
-        assert torch.equal(fedit.peers.states[peer].flat, fedrot.peers.states[peer].flat)
+        assert torch.equal(fedit.hosted.states[peer].flat, fedrot.hosted.states[peer].flat)
     for a, b in zip(metrics(tmp_path / "fedit"), metrics(tmp_path / "fedrot")):
         assert a["accuracy"] == b["accuracy"] and a["consensus_distance"] == b["consensus_distance"]
 
@@ -190,29 +190,29 @@ def test_flexlora_needs_the_server_topology_and_matches_a_hand_step(tmp_path: Pa
         experiment(tmp_path / "ring", "method=flexlora")
     exp = experiment(tmp_path / "server", "method=flexlora", "topology=server", "peers=5", "rounds=1")
     clients = list(range(1, 5))
-    exp.peers.train(0, exp.schedule.present_at(0), RoundClock())
+    exp.hosted.train(0, exp.schedule.present_at(0), RoundClock())
     weights = np.array([len(exp.data.clients[c].train) for c in clients], dtype=np.float64)
     weights /= weights.sum()
     expected = []
     for m in range(len(exp.layout.modules)):
-        As = [exp.layout.a_views(exp.peers.states[c].flat)[m] for c in clients]
-        Bs = [exp.layout.b_views(exp.peers.states[c].flat)[m] for c in clients]
+        As = [exp.layout.a_views(exp.hosted.states[c].flat)[m] for c in clients]
+        Bs = [exp.layout.b_views(exp.hosted.states[c].flat)[m] for c in clients]
         product = sum(float(w) * b.double() @ a.double() for w, a, b in zip(weights, As, Bs))
         u, s, vh = torch.linalg.svd(product)
         r = As[0].shape[0]
         expected.append(u[:, :r] @ torch.diag(s[:r]) @ vh[:r])
-    exp.mixer.mix(0, exp.peers.states, RoundClock(), measure=False)
+    exp.mixer.mix(0, exp.hosted.states, RoundClock(), measure=False)
     for node in range(5):
         for m, target in enumerate(expected):
-            B = exp.layout.b_views(exp.peers.states[node].flat)[m].double()
-            A = exp.layout.a_views(exp.peers.states[node].flat)[m].double()
+            B = exp.layout.b_views(exp.hosted.states[node].flat)[m].double()
+            A = exp.layout.a_views(exp.hosted.states[node].flat)[m].double()
             torch.testing.assert_close(B @ A, target, atol=1e-5, rtol=1e-4)
 
 
 def test_pairwise_fedrot_undoes_neighbour_rotations_before_averaging(tmp_path: Path) -> None:
     """Neighbours holding rotated copies of a peer's factors: receiver-side alignment recovers them exactly."""
     exp = experiment(tmp_path, "method=fedrot", "method_args={lam: 1.0, reference: pairwise}")
-    layout, state = exp.layout, exp.peers.states[0]
+    layout, state = exp.layout, exp.hosted.states[0]
     g = torch.Generator().manual_seed(0)
     state.flat.copy_(torch.randn(state.flat.shape, generator=g))
     inputs = [(0.5, state.flat.clone())]
@@ -234,7 +234,7 @@ def test_pairwise_fedrot_in_server_mode_leaves_every_client_with_the_global_fact
     exp = experiment(tmp_path, "method=fedrot", "method_args={reference: pairwise}", "topology=server", "peers=5")
     exp.run()
     for client in range(1, 5):
-        assert torch.equal(exp.peers.states[client].flat, exp.peers.states[0].flat)
+        assert torch.equal(exp.hosted.states[client].flat, exp.hosted.states[0].flat)
     errors = [m["aggregation_error"] for m in metrics(tmp_path)]
     assert all(e > 0 for e in errors[1:])  # the hub averages factors, not products
 
@@ -244,23 +244,23 @@ def test_fedex_effective_weights_are_the_exact_average_of_products(tmp_path: Pat
     layout, clients = exp.layout, list(range(1, 5))
     modules = dict(exp.bank.model.named_modules())
     base_before = [modules[m].base.weight.detach().clone() for m in layout.modules]
-    exp.peers.train(0, exp.schedule.present_at(0), RoundClock())
+    exp.hosted.train(0, exp.schedule.present_at(0), RoundClock())
     weights = np.array([len(exp.data.clients[c].train) for c in clients], dtype=np.float64)
     weights /= weights.sum()
-    exact = [sum(float(w) * s * layout.b_views(exp.peers.states[c].flat)[m].double() @ layout.a_views(exp.peers.states[c].flat)[m].double()
+    exact = [sum(float(w) * s * layout.b_views(exp.hosted.states[c].flat)[m].double() @ layout.a_views(exp.hosted.states[c].flat)[m].double()
                  for w, c in zip(weights, clients))
              for m, s in enumerate(layout.scalings)]
-    exp.mixer.mix(0, exp.peers.states, RoundClock(), measure=False)
+    exp.mixer.mix(0, exp.hosted.states, RoundClock(), measure=False)
     for m, (name, s) in enumerate(zip(layout.modules, layout.scalings)):
         base_after = modules[name].base.weight.detach().double()
         for c in clients:
-            effective = base_after + s * layout.b_views(exp.peers.states[c].flat)[m].double() @ layout.a_views(exp.peers.states[c].flat)[m].double()
+            effective = base_after + s * layout.b_views(exp.hosted.states[c].flat)[m].double() @ layout.a_views(exp.hosted.states[c].flat)[m].double()
             torch.testing.assert_close(effective, base_before[m].double() + exact[m], atol=1e-5, rtol=0)
     for round in range(1, 3):  # later rounds fold again on top of what earlier rounds folded
         base_before = [modules[m].base.weight.detach().double().clone() for m in layout.modules]
-        exp.peers.train(round, exp.schedule.present_at(round), RoundClock())
+        exp.hosted.train(round, exp.schedule.present_at(round), RoundClock())
         trained = {c: products(exp, c) for c in clients}
-        exp.mixer.mix(round, exp.peers.states, RoundClock(), measure=False)
+        exp.mixer.mix(round, exp.hosted.states, RoundClock(), measure=False)
         for m, (name, s) in enumerate(zip(layout.modules, layout.scalings)):
             exact = base_before[m] + s * sum(float(w) * trained[c][m] for w, c in zip(weights, clients))
             effective = modules[name].base.weight.detach().double() + s * products(exp, 1)[m]
@@ -285,5 +285,5 @@ def test_centralized_is_one_learner_on_the_pooled_data(tmp_path: Path) -> None:
         learner.train(round, [0], frozenset({"A", "B", "head"}))
     summary = exp.run()
     for peer in range(8):
-        assert torch.equal(exp.peers.states[peer].flat, hand.peers.states[0].flat)
+        assert torch.equal(exp.hosted.states[peer].flat, hand.hosted.states[0].flat)
     assert summary["bytes_sent_total"] == 0

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from multiproc import spawn_ranks
+from multiproc import distributed_reduce, local_reduce, spawn_ranks
 from p2p_fedrot import metrics
 from p2p_fedrot.factors import FactorLayout, TensorSpec
 from p2p_fedrot.metrics import aggregation_errors, consensus_distance
-from p2p_fedrot.reduction import Reduce, distributed_reduce, exact_sum, local_reduce
+from p2p_fedrot.reduction import Reduce, exact_sum
 from test_reduction import run_split, spread_values
 
 PEERS = 8
@@ -93,7 +93,7 @@ def split_checks(block: slice, reduce: Reduce) -> tuple[torch.Tensor, float, flo
 def split_worker(rank: int, world: int) -> tuple[torch.Tensor, float, float]:
     """This rank's contiguous block, reduced over the real process group."""
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    return split_checks(slice(rank * PEERS // world, (rank + 1) * PEERS // world), distributed_reduce())
+    return split_checks(slice(rank * PEERS // world, (rank + 1) * PEERS // world), distributed_reduce)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -10,7 +10,9 @@ from typing import Callable, Sequence
 import pytest
 import torch
 
-from p2p_fedrot.reduction import Reduce, exact_sum, local_reduce
+from multiproc import local_reduce
+
+from p2p_fedrot.reduction import Reduce, exact_sum
 
 
 class ThreadedGroup:

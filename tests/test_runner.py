@@ -145,7 +145,7 @@ def test_server_mode_reproduces_the_federated_algorithm(tmp_path: Path, method: 
     experiment.run()
     expected = hand_server_rounds(config, 3, lam)
     for peer in range(config.peers):  # the hub holds G and every client adopted it
-        torch.testing.assert_close(experiment.peers.states[peer].flat, expected, rtol=0, atol=2e-6)
+        torch.testing.assert_close(experiment.hosted.states[peer].flat, expected, rtol=0, atol=2e-6)
 
 
 def test_processes_must_agree_on_every_setting_but_out_threads_and_the_timeout(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ class MethodContext:
     layout: FactorLayout
     planning_gap: Callable[[], float]  # computes spectral_gap; read the property, which computes it once
     server: bool  # the topology is the star server mode
-    model: nn.Module | None = None  # the process's shared peft model, for methods that touch base weights
+    model: nn.Module | None = None  # the process's base model with its bank layers, for methods that touch base weights
 
     @cached_property
     def spectral_gap(self) -> float:
