@@ -3,8 +3,11 @@
 For a module with factors A (r x d_in) and B (d_out x r), any rotation R gives the same update:
 (B R)(R^T A) = B A. Averaging factors across peers is not averaging products, but if every peer
 first rotates its factors to match a common reference, the factors agree more and the averaged
-product loses less. R is the rotation that best maps one side onto the reference, softened by
-``lam`` toward the identity.
+product loses less. R is the rotation that best maps the fitted side onto its reference, softened
+by ``lam`` toward the identity.
+
+The fitted side is A, B, or both at once (``joint``): written as the matrix X that a rotation acts on
+from the right (X -> X R), it is A^T, B, or the stacked [A^T; B], and M = X^T X_ref.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from typing import Literal, Sequence
 
 import torch
 
-Side = Literal["A", "B"]
-SIDES: tuple[Side, ...] = ("A", "B")
+Side = Literal["A", "B", "joint"]
+SIDES: tuple[Side, ...] = ("A", "B", "joint")
+Refs = Sequence[torch.Tensor | None] | None  # one reference per module; None when the side does not read them
+Pieces = list[tuple[torch.Tensor, torch.Tensor]]  # (X, X_ref) pairs of the fitted side, see _fitted
 ZERO_ATOL = 1e-30  # ||M||_F at or below this: nothing to align to (e.g. B = 0 at LoRA init)
 ZERO_RTOL = 1e-6  # ||M||_F <= ZERO_RTOL ||X||_F ||X_ref||_F: M is fp32 rounding noise, its rotation arbitrary
 
@@ -82,65 +87,116 @@ def soft_rotation(M: torch.Tensor, lam: float) -> torch.Tensor:
     return R.float()
 
 
-def _cross(X: torch.Tensor, ref: torch.Tensor, side: Side) -> torch.Tensor:
-    """The fp32 r x r matrix whose Procrustes rotation fits X (side ``side``) to ``ref``.
+def _fitted(A: torch.Tensor, B: torch.Tensor, A_ref: torch.Tensor, B_ref: torch.Tensor, side: Side) -> Pieces:
+    """(X, X_ref) pieces of the fitted side, each rotated from the right: A^T for A, B for B, both for joint."""
+    pieces = []
+    if side != "B":
+        pieces.append((A.mT, A_ref.mT))
+    if side != "A":
+        pieces.append((B, B_ref))
+    return pieces
 
-    Zeroed when it is only rounding noise relative to the factors, so that it aligns to nothing.
+
+def _square_norm(X: torch.Tensor) -> torch.Tensor:
+    return X.float().square().sum((-2, -1))
+
+
+def _cross(pieces: Pieces) -> torch.Tensor:
+    """The fp32 r x r matrix M = X^T X_ref whose Procrustes rotation fits X to X_ref (per batch element).
+
+    Zeroed where it is only rounding noise relative to the factors, so that it aligns to nothing.
     """
-    X, ref = X.float(), ref.float()
-    M = X @ ref.T if side == "A" else X.T @ ref
-    return torch.where(M.norm() <= ZERO_RTOL * X.norm() * ref.norm(), 0.0, M)
+    M = sum(x.float().mT @ ref.float() for x, ref in pieces)
+    size = sum(_square_norm(x) for x, _ in pieces) * sum(_square_norm(ref) for _, ref in pieces)
+    noise = torch.linalg.matrix_norm(M) <= ZERO_RTOL * size.sqrt()
+    return torch.where(noise[..., None, None], 0.0, M)
 
 
 def _apply(A: torch.Tensor, B: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A <- R^T A, B <- B R (B A unchanged), computed in at least fp32, returned in each factor's dtype."""
     a = torch.promote_types(A.dtype, torch.float32)
     b = torch.promote_types(B.dtype, torch.float32)
-    return (R.T.to(a) @ A.to(a)).to(A.dtype), (B.to(b) @ R.to(b)).to(B.dtype)
+    return (R.mT.to(a) @ A.to(a)).to(A.dtype), (B.to(b) @ R.to(b)).to(B.dtype)
+
+
+def _check_module(m: int, A: torch.Tensor, B: torch.Tensor, A_ref: torch.Tensor | None, B_ref: torch.Tensor | None,
+                  side: Side) -> None:
+    read = [(name, factor, ref) for name, factor, ref in (("A", A, A_ref), ("B", B, B_ref)) if side in (name, "joint")]
+    if (A.dim() < 2 or B.dim() != A.dim() or A.shape[:-2] != B.shape[:-2] or B.shape[-1] != A.shape[-2]
+            or any(ref is None or ref.shape[-2:] != factor.shape[-2:] for _, factor, ref in read)):
+        refs = ", ".join(f"{name} reference {None if ref is None else tuple(ref.shape)}" for name, _, ref in read)
+        raise ValueError(
+            f"module {m}: need A (... x r x d_in), B (... x d_out x r) with the same leading dimensions and a "
+            f"reference shaped like each fitted factor; got A {tuple(A.shape)}, B {tuple(B.shape)}, {refs}"
+        )
+
+
+def _modules(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], A_refs: Refs, B_refs: Refs,
+             side: Side) -> list[Pieces]:
+    """The fitted pieces of every module, after checking that the factors and references fit together."""
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    n = len(As)
+    A_refs = [None] * n if A_refs is None else A_refs
+    B_refs = [None] * n if B_refs is None else B_refs
+    if not len(Bs) == len(A_refs) == len(B_refs) == n:
+        raise ValueError(f"got {n} A, {len(Bs)} B, {len(A_refs)} A reference and {len(B_refs)} B reference "
+                         "tensors; need one of each per module (or no references for a side that is not fitted)")
+    for m, args in enumerate(zip(As, Bs, A_refs, B_refs)):
+        _check_module(m, *args, side)
+    return [_fitted(*args, side) for args in zip(As, Bs, A_refs, B_refs)]
+
+
+def fit_rotations(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], A_refs: Refs, B_refs: Refs,
+                  side: Side, lam: float) -> list[torch.Tensor]:
+    """Per module, the soft Procrustes rotations (float32, ... x r x r) moving the fitted side toward its reference.
+
+    Module m's factors may carry leading batch dimensions (several peers' copies: A ... x r x d_in,
+    B ... x d_out x r) that its references broadcast against; one rotation per batch element. The
+    SVDs of every module and batch element of one rank run as one batched call.
+    """
+    _check_lam(lam)
+    Ms = [_cross(pieces) for pieces in _modules(As, Bs, A_refs, B_refs, side)]
+    by_rank: dict[int, list[int]] = {}
+    for m, M in enumerate(Ms):
+        by_rank.setdefault(M.shape[-1], []).append(m)
+    Rs: list[torch.Tensor] = list(Ms)
+    for r, members in by_rank.items():
+        batch = soft_rotation(torch.cat([Ms[m].reshape(-1, r, r) for m in members]), lam)
+        for m, R in zip(members, batch.split([Ms[m].numel() // (r * r) for m in members])):
+            Rs[m] = R.reshape(Ms[m].shape)
+    return Rs
+
+
+def rotate(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor],
+           Rs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A <- R^T A, B <- B R for every module (products unchanged); new tensors, the inputs are not modified."""
+    pairs = [_apply(A, B, R) for A, B, R in zip(As, Bs, Rs)]
+    return [A for A, _ in pairs], [B for _, B in pairs]
+
+
+def misfit(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], A_refs: Refs, B_refs: Refs,
+           side: Side) -> torch.Tensor:
+    """sum_m ||X_m - X_ref_m||_F^2 of the fitted side (both factors for joint), per batch element, in fp32."""
+    return sum(_square_norm(x - ref) for pieces in _modules(As, Bs, A_refs, B_refs, side) for x, ref in pieces)
 
 
 def align_pair(A: torch.Tensor, B: torch.Tensor, A_ref: torch.Tensor | None, B_ref: torch.Tensor | None,
                side: Side, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate one module's factors so that side ``side`` moves toward its reference.
 
-    Only the reference of ``side`` is read; the other may be None.
+    Only the references of the fitted side are read; the other may be None.
     """
-    new_As, new_Bs = align_modules([A], [B], [A_ref if side == "A" else B_ref], side, lam)
-    return new_As[0], new_Bs[0]
-
-
-def _check_module(m: int, A: torch.Tensor, B: torch.Tensor, ref: torch.Tensor | None, side: Side) -> None:
-    fitted = A if side == "A" else B
-    if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0] or ref is None or ref.shape != fitted.shape:
-        raise ValueError(
-            f"module {m}: need A (r x d_in), B (d_out x r) and a {side} reference of the same shape as {side}; "
-            f"got A {tuple(A.shape)}, B {tuple(B.shape)}, reference {None if ref is None else tuple(ref.shape)}"
-        )
+    Rs = fit_rotations([A], [B], [A_ref], [B_ref], side, lam)
+    (new_A,), (new_B,) = rotate([A], [B], Rs)
+    return new_A, new_B
 
 
 def align_modules(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor],
                   side: Side, lam: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Align every module of a model, with one batched soft_rotation call per distinct rank.
+    """Align every module's side A or B to ``refs`` (module m's A_ref or B_ref); returns new tensors.
 
-    ``refs[m]`` is module m's reference for ``side`` (A_ref or B_ref). Returns new tensors; the
-    inputs are not modified.
+    Side joint reads both references: use :func:`fit_rotations` and :func:`rotate`.
     """
-    if side not in SIDES:
-        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
-    _check_lam(lam)
-    if not len(As) == len(Bs) == len(refs):
-        raise ValueError(f"got {len(As)} A, {len(Bs)} B and {len(refs)} reference tensors; need one of each per module")
-    for m, (A, B, ref) in enumerate(zip(As, Bs, refs)):
-        _check_module(m, A, B, ref, side)
-    if lam == 0.0:
-        return [A.clone() for A in As], [B.clone() for B in Bs]
-    fitted = As if side == "A" else Bs
-    by_rank: dict[int, list[int]] = {}
-    for m, A in enumerate(As):
-        by_rank.setdefault(A.shape[0], []).append(m)
-    new_As, new_Bs = list(As), list(Bs)
-    for members in by_rank.values():
-        rotations = soft_rotation(torch.stack([_cross(fitted[m], refs[m], side) for m in members]), lam)
-        for m, R in zip(members, rotations):
-            new_As[m], new_Bs[m] = _apply(As[m], Bs[m], R)
-    return new_As, new_Bs
+    A_refs, B_refs = (refs, None) if side == "A" else (None, refs)
+    return rotate(As, Bs, fit_rotations(As, Bs, A_refs, B_refs, side, lam))

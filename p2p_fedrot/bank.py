@@ -31,6 +31,7 @@ from .factors import FactorLayout, layout_of_state
 
 PEFT_PREFIX = "base_model.model."  # how peft names the wrapped model's modules in its adapter files
 ADAPTER = "default"
+ROW_ALIGNMENT = 16  # float32 elements per 64 bytes
 
 
 @dataclass
@@ -215,7 +216,11 @@ def bank_model(peft_model: PeftModel, peers: Sequence[int], task: str, device: t
     model.requires_grad_(False)
     config_json = adapter_config_text(peft_model.peft_config[ADAPTER])
     init = torch.cat([state[spec.name].detach().reshape(-1).float() for spec in layout.specs])
-    flats = init.to(device).repeat(len(peers), 1)
+    # Each row starts on a 64-byte boundary: some CPU kernels round differently for operands at
+    # other alignments, and a peer's row index (hence its offset) changes with the process count.
+    stride = -(-layout.numel // ROW_ALIGNMENT) * ROW_ALIGNMENT
+    flats = torch.zeros(len(peers), stride, device=device)[:, : layout.numel]
+    flats.copy_(init.to(device).expand_as(flats))
     model.to(device)
     return PeerBank(model, layout, flats, peers, task, run, config_json)
 

@@ -29,6 +29,7 @@ class LoraSettings:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] | None = None  # None: the model's own default
+    init: str = "shared"  # shared | per_peer (each peer its own draw) | rotated (shared, turned per peer)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
     optimizer_state: str = "method"  # method (the method's rule) | keep (across rounds) | reset (every round)
+    warmup_rounds: int = 0  # rounds of local training before the first exchange
     batch_peers: bool | str | int = "auto"  # true: all hosted peers in one forward | k: k at a time | false | auto
 
 
@@ -238,6 +240,9 @@ def validate(config: RunConfig) -> None:
         (config.rounds >= 1, "rounds must be at least 1"),
         (config.model.lora.r >= 1, "model.lora.r (the LoRA rank) must be at least 1"),
         (0.0 <= config.model.lora.dropout < 1.0, "model.lora.dropout must be in [0, 1)"),
+        (config.model.lora.init in ("shared", "per_peer", "rotated"), "model.lora.init must be shared, per_peer or rotated"),
+        (isinstance(config.train.warmup_rounds, int) and config.train.warmup_rounds >= 0,
+         "train.warmup_rounds must be a whole number >= 0"),
         (config.train.local_steps >= 0, "train.local_steps must be >= 0"),
         (config.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (config.train.lr > 0, "train.lr must be positive"),

@@ -44,6 +44,7 @@ class HostedPeers:
     def train(self, round: int, present: np.ndarray, clock: RoundClock) -> None:
         """Local steps, then the method's pre-send hook, on every hosted client present this round."""
         method = self.method
+        method.rotations.clear()  # the round's diagnostics count only this round's rotations
         training = [p for p in self.trainer.peers if present[p] or method.pooled_data]
         if method.needs_reference:
             for p in training:

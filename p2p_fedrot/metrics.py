@@ -140,3 +140,26 @@ def aggregation_errors(layout: FactorLayout, rows: Mapping[int, Sequence[tuple[f
         absolute, norm = math.sqrt(error2), math.sqrt(exact2)
         errors[i] = (absolute, absolute / norm if norm > 0 else 0.0)
     return errors
+
+
+def rotational_disagreement(layout: FactorLayout, own: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
+    """(removed, total) for one edge: total = sum over modules of ||A_j - A_i||^2 + ||B_j - B_i||^2
+    between peer j's factors (``other``) and peer i's (``own``); removed = how much of it the best
+    joint rotation of j toward i (A_j <- R^T A_j, B_j <- B_j R, det R = +1) takes away.
+
+    With M = A_j A_i^T + B_j^T B_i (r x r), the distance after R is N - 2 tr(R^T M), so the best
+    rotation gains 2 (s(M) - tr M), s(M) the sum of singular values (the smallest counted negative
+    when U V^T has det -1). Only r x r products are formed.
+    """
+    crosses, total = [], 0.0
+    for a_spec, b_spec in zip(layout.a, layout.b):
+        a_i, a_j = a_spec.view(own).double(), a_spec.view(other).double()
+        b_i, b_j = b_spec.view(own).double(), b_spec.view(other).double()
+        total += float((a_j - a_i).square().sum() + (b_j - b_i).square().sum())
+        crosses.append(a_j @ a_i.T + b_j.T @ b_i)
+    cross = torch.stack(crosses)
+    u, s, vh = torch.linalg.svd(cross)
+    reflected = torch.linalg.det(u @ vh) < 0
+    best = s.sum(dim=-1) - 2 * s[:, -1] * reflected
+    removed = float((2 * (best - cross.diagonal(dim1=-2, dim2=-1).sum(dim=-1))).clamp(min=0).sum())
+    return min(removed, total), total

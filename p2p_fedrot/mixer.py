@@ -16,7 +16,7 @@ from .factors import FactorLayout
 from .faults import corrupted
 from .gossip import MixInputs, collect_mix_inputs, routes_of, row_entries
 from .methods.base import ALL_PARTS, Method, PeerState
-from .metrics import aggregation_errors
+from .metrics import aggregation_errors, rotational_disagreement
 from .records import RoundClock
 from .schedule import MixingSchedule
 from .transport import Transport
@@ -25,19 +25,21 @@ from .validation import PayloadRules
 
 @dataclass
 class MixOutcome:
-    """Payloads refused this round, and (absolute, relative) aggregation errors of the mixing rows
-    measured on this process (only when asked)."""
+    """Payloads refused this round and, when asked, what this process measured: (absolute, relative)
+    aggregation errors of its mixing rows and the rotational part of each incoming edge's disagreement."""
 
     dropped: list[dict] = field(default_factory=list)
     errors: list[tuple[float, float]] = field(default_factory=list)
+    rotational: list[tuple[float, float]] = field(default_factory=list)  # (removed, total) per measured edge
 
 
 class Mixer:
     """Runs the method's pack / exchange / combine along the schedule's mixing steps."""
 
     def __init__(self, method: Method, schedule: MixingSchedule, layout: FactorLayout, transport: Transport,
-                 probe: Transport, comm: CommConfig) -> None:
+                 probe: Transport, comm: CommConfig, warmup_rounds: int = 0) -> None:
         self.method, self.schedule, self.layout, self.comm = method, schedule, layout, comm
+        self.warmup_rounds = warmup_rounds  # rounds of local training only, before the first exchange
         self.transport = transport
         self.probe = probe  # carries whole buffers for the error metric when payloads are partial (not counted)
         self.rules = PayloadRules(comm.validate, comm.max_norm_ratio, comm.on_bad_payload)
@@ -45,7 +47,7 @@ class Mixer:
     def mix(self, round: int, states: dict[int, PeerState], clock: RoundClock, measure: bool) -> MixOutcome:
         """Apply each mixing step of the round to every hosted peer."""
         outcome = MixOutcome()
-        parts = self.method.sent_parts(round)
+        parts = self.sent_parts(round)
         if not parts:
             return outcome
         for k, W in enumerate(self.schedule.steps_at(round)):
@@ -59,30 +61,45 @@ class Mixer:
             refused = {(bad.sender, bad.receiver) for bad in dropped}
             since = clock.add("exchange", since)
             sent = self.sent_buffers(round, k, W, states, mixes, parts, refused) if measure else {}
+            before = {i: states[i].flat.clone() for i in sent}
             since = clock.add("eval", since)  # what the error metric needs is not the exchange's cost
             # every row's inputs are read before any row is written: local inputs are views of buffers
             updates = {i: self.method.combine(states[i], round, inputs) for i, inputs in mixes.items()}
             for i, value in updates.items():
                 self.layout.insert(states[i].flat, parts, value)
             since = clock.add("exchange", since)
-            outcome.errors += list(aggregation_errors(self.layout, sent, {i: states[i].flat for i in sent}).values())
-            clock.add("eval", since)  # the metric's own cost
+            self.measure(sent, before, states, outcome)
+            clock.add("eval", since)
+        return outcome
+
+    def measure(self, sent: dict[int, list[tuple[int, float, torch.Tensor]]], before: dict[int, torch.Tensor],
+                states: dict[int, PeerState], outcome: MixOutcome) -> None:
+        """Aggregation error of each row, and the rotational part of the disagreement on each edge
+        j -> i between what j sent and what i held (the server's hub: the model the clients started from)."""
+        rows = {i: [(w, x) for _, w, x in triples] for i, triples in sent.items()}
+        outcome.errors += list(aggregation_errors(self.layout, rows, {i: states[i].flat for i in sent}).values())
+        for i, triples in sent.items():
+            outcome.rotational += [rotational_disagreement(self.layout, before[i], x) for j, _, x in triples if j != i]
         return outcome
 
     def sent_buffers(self, round: int, k: int, W, states: dict[int, PeerState], mixes: dict[int, MixInputs],
-                     parts: frozenset[str], refused: set[tuple[int, int]]) -> dict[int, MixInputs]:
-        """For each row that mixes several inputs, its (W_ij, buffer of j as sent) pairs: the payloads
-        themselves (copied) when they are whole buffers, else whole buffers fetched over the probe."""
+                     parts: frozenset[str], refused: set[tuple[int, int]]) -> dict[int, list[tuple[int, float, torch.Tensor]]]:
+        """For each row that mixes several inputs, its (j, W_ij, buffer of j as sent) triples: the
+        payloads themselves (copied) when they are whole buffers, else whole buffers fetched over the probe."""
         rows = {i: inputs for i, inputs in mixes.items() if len(inputs) > 1}
+        senders = {i: [j for j, _ in row_entries(W, i) if (j, i) not in refused] for i in rows}
         whole = parts == ALL_PARTS and all(x.numel() == self.layout.numel for inputs in rows.values() for _, x in inputs)
         if whole or not rows:  # copies: mixing then overwrites the buffers that local inputs view
-            return {i: [(w, x.clone()) for w, x in inputs] for i, inputs in rows.items()}
+            return {i: [(j, w, x.clone()) for j, (w, x) in zip(senders[i], inputs)] for i, inputs in rows.items()}
         buffers = {p: s.flat.clone() for p, s in states.items()}
         received = self.probe.exchange(buffers, routes_of(W), numel_of=lambda src: self.layout.numel,
                                        step=f"round {round} step {k} (metrics)", tag=(round, -1 - k))
         received.update(buffers)
-        senders = {i: [j for j, _ in row_entries(W, i) if (j, i) not in refused] for i in rows}
-        return {i: [(w, received[j]) for (w, _), j in zip(inputs, senders[i])] for i, inputs in rows.items()}
+        return {i: [(j, w, received[j]) for j, (w, _) in zip(senders[i], inputs)] for i, inputs in rows.items()}
+
+    def sent_parts(self, round: int) -> frozenset[str]:
+        """What travels this round: nothing during the warm-up, then what the method sends."""
+        return frozenset() if round < self.warmup_rounds else self.method.sent_parts(round)
 
     def drill(self, payloads: dict[int, torch.Tensor], round: int) -> dict[int, torch.Tensor]:
         """What the hosted peers send: their payloads, one corrupted if ``comm.inject_fault`` says so."""
@@ -94,7 +111,7 @@ class Mixer:
 
     def round_bytes(self, round: int, element_size: int) -> int:
         """Bytes all peers send in a round: one payload per directed route of every mixing step."""
-        if not self.method.sent_parts(round):
+        if not self.sent_parts(round):
             return 0
         return sum(self.method.payload_numel(round, k, src) * element_size
                    for k, W in enumerate(self.schedule.steps_at(round)) for src, _ in routes_of(W))

@@ -6,6 +6,7 @@ Hugging Face model id / local folder.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -20,6 +21,7 @@ from .config import ModelConfig
 from .errors import ConfigError
 from .bank import PeerBank, bank_model
 from .packages import package_dir
+from .seeding import derive_seed
 
 CLASSIFICATION, CAUSAL_LM = "classification", "causal_lm"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -209,4 +211,34 @@ def build_bank(config: ModelConfig, peers: list[int], input_dim: int, num_classe
             f"model.lora.r={config.lora.r} exceeds the smallest adapted layer width ({smallest}); "
             f"choose a rank <= {smallest}"
         )
-    return bank_model(model, peers, task, device)
+    bank = bank_model(model, peers, task, device)
+    initialise_factors(bank, config.lora.init, seed)
+    return bank
+
+
+def initialise_factors(bank: PeerBank, mode: str, seed: int) -> None:
+    """Give the peers the LoRA init that ``model.lora.init`` asks for (B stays 0, so every peer still
+    starts as the base model): ``shared``, peft's one draw for all; ``per_peer``, each peer its own
+    draw of A from peft's distribution; ``rotated``, the shared A turned by a seeded random rotation
+    per peer, so training runs in rotated copies of one basis (the controlled misaligned case).
+    Draws are seeded per peer, so they do not depend on which process hosts it."""
+    if mode == "shared":
+        return
+    for peer in bank.peers:
+        generator = torch.Generator().manual_seed(derive_seed(seed, f"lora_init_{mode}", peer))
+        for a in bank.layout.a_views(bank.flat(peer)):
+            if mode == "per_peer":
+                fresh = torch.empty(a.shape)
+                torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)  # peft's lora_A init
+                a.copy_(fresh)
+            else:
+                a.copy_(random_rotation(a.shape[0], generator).T.to(a) @ a)
+
+
+def random_rotation(r: int, generator: torch.Generator) -> torch.Tensor:
+    """A Haar-distributed r x r rotation (det +1): QR of a Gaussian matrix with the signs fixed."""
+    q, upper = torch.linalg.qr(torch.randn(r, r, generator=generator, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(upper))
+    if torch.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q

@@ -50,6 +50,14 @@ def _fmt(value, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+ALIGNMENT_PLOTS = {  # per-round diagnostics, plotted when some run recorded them
+    "rotational_share": "rotational share of neighbour disagreement",
+    "rotation_angle_mean": "mean ||R - I||_F of the rotations applied",
+    "alignment_gain": "alignment gain (distance after / before)",
+    "aggregation_error_rel": "relative aggregation error",
+}
+
+
 def plot_runs(runs: list[dict], key: str, ylabel: str, path: Path, log: bool = False) -> None:
     """One line per run of ``key`` against the round number, saved as a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -76,7 +84,7 @@ def plot_runs(runs: list[dict], key: str, ylabel: str, path: Path, log: bool = F
 
 
 def write_report(run_dirs: list[str], out: str | os.PathLike) -> Path:
-    """Write summary.md, accuracy.png and consensus.png for the given runs into ``out``."""
+    """Write summary.md and its plots (accuracy, consensus distance, alignment diagnostics) into ``out``."""
     runs = [load_run(d) for d in run_dirs]
     if len({run["name"] for run in runs}) < len(runs):  # e.g. a/seed0 and b/seed0: name them by path
         for run, run_dir in zip(runs, run_dirs):
@@ -85,7 +93,12 @@ def write_report(run_dirs: list[str], out: str | os.PathLike) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     plot_runs(runs, "mean_accuracy", "mean test accuracy over peers", folder / "accuracy.png")
     plot_runs(runs, "consensus_distance", "consensus distance", folder / "consensus.png", log=True)
-    text = "# p2p_fedrot report\n\n" + summary_table(runs)
-    text += "\n![accuracy](accuracy.png)\n\n![consensus distance](consensus.png)\n"
+    plots = ["accuracy", "consensus"]
+    for key, label in ALIGNMENT_PLOTS.items():
+        if any(m.get(key) is not None for run in runs for m in run["metrics"]):
+            plot_runs(runs, key, label, folder / f"{key}.png")
+            plots.append(key)
+    text = "# p2p_fedrot report\n\n" + summary_table(runs) + "\n"
+    text += "\n\n".join(f"![{name.replace('_', ' ')}]({name}.png)" for name in plots) + "\n"
     atomic_write_text(folder / "summary.md", text)
     return folder / "summary.md"

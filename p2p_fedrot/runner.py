@@ -22,16 +22,15 @@ from . import checkpoint, methods, outputs
 from .adapters import save_consensus_adapter
 from .config import RunConfig, dotted
 from .data import build_data
+from .diagnostics import round_metrics
 from .errors import ConfigError, P2PFedRotError
 from .group import ProcessGroup
 from .hosting import HostedPeers
 from .io import atomic_write_json
-from .metrics import consensus_distance
 from .mixer import Mixer, MixOutcome
 from .model import CAUSAL_LM, build_bank, load_tokenizer, task_of
 from .outputs import StartPlan
 from .records import RoundClock, print_progress, round_float, round_record
-from .reduction import exact_sum
 from .runtime import Runtime, agree, init_runtime, launch_id, plain_process_name
 from .schedule import MixingSchedule
 from .topology import build_topology
@@ -99,7 +98,8 @@ class Experiment:
         self.hosted = HostedPeers(config, self.bank, self.method, self.data, self.clients, self.per_forward)
         transport = Transport(self.placement, runtime.device, config.comm.timeout_s, runtime.wire_device)
         probe = Transport(self.placement, runtime.device, config.comm.timeout_s, runtime.wire_device)
-        self.mixer = Mixer(self.method, self.schedule, self.layout, transport, probe, config.comm)
+        self.mixer = Mixer(self.method, self.schedule, self.layout, transport, probe, config.comm,
+                           config.train.warmup_rounds)
         self.dropped: list[dict] = []  # payloads refused since the last evaluated round (on_bad_payload: drop)
         self.out = Path(config.out)
         self.bytes_total = 0
@@ -174,9 +174,8 @@ class Experiment:
         since = time.perf_counter()
         results = self.group.gather_objects((self.hosted.evaluate(), self.dropped), "gathering evaluation results")
         self.dropped = []
-        metrics = {"consensus_distance": consensus_distance(self.layout, self.hosted.client_rows(), len(self.clients),
-                                                            self.group.reduce),
-                   **self.mean_errors(mixed.errors)}
+        metrics = round_metrics(self.layout, self.hosted.client_rows(), len(self.clients), mixed,
+                                self.method.rotations, self.group.reduce)
         clock.add("eval", since)
         seconds = self.group.max_seconds(clock.seconds)
         if self.runtime.rank != 0:
@@ -186,15 +185,6 @@ class Experiment:
         absent = np.flatnonzero(~self.schedule.present_at(round)).tolist()
         return round_record(round, elapsed, per_peer, metrics, sent, self.bytes_total, absent, dropped, seconds,
                             self.bank.task == CAUSAL_LM)
-
-    def mean_errors(self, errors: list[tuple[float, float]]) -> dict[str, float]:
-        """Mean (absolute, relative) aggregation error over every mixing row of the round, all processes."""
-        local = torch.tensor(errors, dtype=torch.float64).reshape(-1, 2)
-        count = torch.tensor([float(len(errors))], dtype=torch.float64)
-        self.group.reduce(count, "sum")
-        totals = exact_sum(local, self.group.reduce, max(int(count.item()), 1))
-        mean = (totals / count).tolist() if count.item() else [0.0, 0.0]
-        return {"aggregation_error": mean[0], "aggregation_error_rel": mean[1]}
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_due(self, round: int) -> bool:
@@ -232,12 +222,12 @@ class Experiment:
         """Save every adapter (each process its own peers), then the summary on process 0."""
         adapters = self.out / outputs.ADAPTERS
         self.hosted.save_adapters(adapters)
-        mean = exact_sum(self.hosted.client_rows().double(), self.group.reduce, len(self.clients)) / len(self.clients)
+        consensus = self.method.consensus(self.hosted.client_rows(), len(self.clients), self.group.reduce)
         wire = torch.tensor([float(self.mixer.transport.wire_bytes)], dtype=torch.float64)
         self.group.reduce(wire, "sum", "summing wire bytes")
         if self.runtime.rank != 0:
             return {}
-        save_consensus_adapter(self.bank, mean.float(), adapters)
+        save_consensus_adapter(self.bank, consensus.float(), adapters)
         if state := self.method.state_tensors():
             checkpoint.save_tensors(adapters / "method_state.safetensors", state)
         summary = {
@@ -249,7 +239,8 @@ class Experiment:
             "backend": self.runtime.backend or "single-process",
             "threads": torch.get_num_threads(),
             "peers_per_forward": self.per_forward,
-            "payload_bytes": self.mixer.payload_bytes(0, self.clients[0], self.bank.flats.element_size()),
+            "payload_bytes": self.mixer.payload_bytes(self.config.train.warmup_rounds, self.clients[0],
+                                                      self.bank.flats.element_size()),
             "bytes_sent_total": self.bytes_total,
             "wire_bytes_total": int(wire.item()),
             "final_mean_accuracy": last.get("mean_accuracy"),

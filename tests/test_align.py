@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from p2p_fedrot.align import align_modules, align_pair, soft_rotation
+from p2p_fedrot.align import align_modules, align_pair, fit_rotations, misfit, rotate, soft_rotation
 
 R_, D_IN, D_OUT = 8, 64, 64
 LAMS = (0.0, 0.3, 0.5, 1.0)
+SIDES = ("A", "B", "joint")
 
 
 def factors(seed: int, r: int = R_, d_in: int = D_IN, d_out: int = D_OUT) -> tuple[torch.Tensor, torch.Tensor]:
@@ -16,34 +17,39 @@ def factors(seed: int, r: int = R_, d_in: int = D_IN, d_out: int = D_OUT) -> tup
     return torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)
 
 
-def random_rotation(r: int, g: torch.Generator) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(r, r, generator=g))
-    if torch.det(q) < 0:
-        q[:, 0] = -q[:, 0]
+def random_rotations(n: int, r: int, g: torch.Generator) -> torch.Tensor:
+    """n random r x r rotations (det +1), drawn in one batched call."""
+    q, _ = torch.linalg.qr(torch.randn(n, r, r, generator=g))
+    q[..., 0] *= torch.linalg.det(q).sign()[:, None]
     return q
 
 
-def cross(A: torch.Tensor, B: torch.Tensor, ref: torch.Tensor, side: str) -> torch.Tensor:
-    return A @ ref.T if side == "A" else B.T @ ref
+def cross(A: torch.Tensor, B: torch.Tensor, refs: tuple[torch.Tensor, torch.Tensor], side: str) -> torch.Tensor:
+    """M of the fitted side: A A_ref^T, B^T B_ref, or their sum for joint."""
+    return (A @ refs[0].T if side != "B" else 0) + (B.T @ refs[1] if side != "A" else 0)
 
 
-def fit_error(A: torch.Tensor, B: torch.Tensor, ref: torch.Tensor, side: str, Q: torch.Tensor) -> float:
-    """How far rotating by Q leaves the fitted side from its reference."""
-    return float((Q.T @ A - ref).norm()) if side == "A" else float((B @ Q - ref).norm())
+def fit_error(A: torch.Tensor, B: torch.Tensor, refs: tuple[torch.Tensor, torch.Tensor], side: str,
+              Q: torch.Tensor) -> torch.Tensor:
+    """How far rotating by Q (or each of a batch of Q's) leaves the fitted side (both factors for joint)
+    from its reference."""
+    a2 = (Q.mT @ A - refs[0]).square().sum((-2, -1)) if side != "B" else 0.0
+    b2 = (B @ Q - refs[1]).square().sum((-2, -1)) if side != "A" else 0.0
+    return torch.as_tensor(a2 + b2).sqrt()
 
 
 def pick(refs: tuple[torch.Tensor, torch.Tensor], side: str) -> torch.Tensor:
     return refs[0] if side == "A" else refs[1]
 
 
-@pytest.mark.parametrize("side", ["A", "B"])
+@pytest.mark.parametrize("side", SIDES)
 @pytest.mark.parametrize("lam", LAMS)
 def test_rotation_keeps_the_product(side: str, lam: float) -> None:
     A, B = factors(0)
     refs = factors(1)
     A2, B2 = align_pair(A, B, *refs, side, lam)
     assert float((B2 @ A2 - B @ A).abs().max()) < 1e-5
-    R = soft_rotation(cross(A, B, pick(refs, side), side)[None], lam)[0]
+    R = soft_rotation(cross(A, B, refs, side)[None], lam)[0]
     torch.testing.assert_close(A2, R.T @ A, atol=1e-6, rtol=0)
     torch.testing.assert_close(B2, B @ R, atol=1e-6, rtol=0)
 
@@ -61,21 +67,20 @@ def test_lam_zero_is_exactly_the_identity() -> None:
     M = torch.randn(5, R_, R_)
     assert torch.equal(soft_rotation(M, 0.0), torch.eye(R_).expand(5, R_, R_))
     A, B = factors(0)
-    for side in ("A", "B"):
+    for side in SIDES:
         A2, B2 = align_pair(A, B, *factors(1), side, 0.0)
         assert torch.equal(A2, A) and torch.equal(B2, B)
 
 
-@pytest.mark.parametrize("side", ["A", "B"])
+@pytest.mark.parametrize("side", SIDES)
 def test_lam_one_attains_the_procrustes_optimum(side: str) -> None:
     A, B = factors(4)
-    ref = pick(factors(5), side)
-    A2, B2 = align_pair(A, B, *((ref, None) if side == "A" else (None, ref)), side, 1.0)
-    best = float(((A2 if side == "A" else B2) - ref).norm())
-    assert best < fit_error(A, B, ref, side, torch.eye(R_))
-    g = torch.Generator().manual_seed(9)
-    for _ in range(300):
-        assert best <= fit_error(A, B, ref, side, random_rotation(R_, g)) + 1e-4
+    refs = factors(5)
+    A2, B2 = align_pair(A, B, *refs, side, 1.0)
+    best = fit_error(A2, B2, refs, side, torch.eye(R_))
+    assert best < fit_error(A, B, refs, side, torch.eye(R_))
+    others = random_rotations(300, R_, torch.Generator().manual_seed(9))
+    assert best <= fit_error(A, B, refs, side, others).min() + 1e-4
 
 
 def test_det_fix_on_a_reflection_case() -> None:
@@ -94,8 +99,8 @@ def test_det_fix_on_a_reflection_case() -> None:
     torch.testing.assert_close(R, (u_fixed @ vh[0]).float(), atol=1e-5, rtol=0)
     A2, _ = align_pair(A, B, A_ref, None, "A", 1.0)
     best = float((A2 - A_ref).norm())
-    g = torch.Generator().manual_seed(1)
-    assert all(best <= fit_error(A, B, A_ref, "A", random_rotation(R_, g)) + 1e-4 for _ in range(300))
+    others = random_rotations(300, R_, torch.Generator().manual_seed(1))
+    assert best <= fit_error(A, B, (A_ref, B), "A", others).min() + 1e-4
 
 
 def test_zero_reference_or_zero_B_falls_back_to_identity() -> None:
@@ -171,18 +176,71 @@ def test_batched_equals_per_module_with_mixed_shapes_and_ranks() -> None:
     assert all(torch.equal(t, c) for t, c in zip(As + Bs, copies))  # inputs untouched
 
 
-@pytest.mark.parametrize("side", ["A", "B"])
+def test_joint_recovers_rotated_copies_and_reduces_to_side_A_against_a_zero_B() -> None:
+    A, B = factors(50)
+    Q = random_rotations(1, R_, torch.Generator().manual_seed(50))[0]
+    A2, B2 = align_pair(Q.T @ A, B @ Q, A, B, "joint", 1.0)
+    torch.testing.assert_close(A2, A, atol=1e-5, rtol=0)
+    torch.testing.assert_close(B2, B, atol=1e-5, rtol=0)
+    A_ref = factors(51)[0]  # round 0: the reference's B is still 0, so joint fits A alone
+    joint = align_pair(A, B, A_ref, torch.zeros_like(B), "joint", 0.5)
+    side_A = align_pair(A, B, A_ref, None, "A", 0.5)
+    assert all(torch.equal(x, y) for x, y in zip(joint, side_A))
+
+
+def test_batched_fit_runs_one_svd_per_rank_over_inputs_and_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several peers' copies of every module (leading batch dimension) against one broadcast reference."""
+    shapes = [(8, 64, 48), (4, 16, 24), (8, 32, 32)]
+    n = 3
+    batches = [[factors(60 + 10 * k + j, *shape) for j in range(n)] for k, shape in enumerate(shapes)]
+    As = [torch.stack([a for a, _ in batch]) for batch in batches]
+    Bs = [torch.stack([b for _, b in batch]) for batch in batches]
+    refs = [factors(90 + k, *shape) for k, shape in enumerate(shapes)]
+    A_refs, B_refs = [a for a, _ in refs], [b.clone() for _, b in refs]
+    B_refs[1] = torch.zeros_like(B_refs[1])  # a zero reference in one module of the batch
+    svd, calls = torch.linalg.svd, []
+    monkeypatch.setattr(torch.linalg, "svd", lambda X, *a, **k: calls.append(X.shape) or svd(X, *a, **k))
+    for side in SIDES:
+        calls.clear()
+        Rs = fit_rotations(As, Bs, A_refs, B_refs, side, 1.0)
+        assert sorted(calls) == [(n, 4, 4), (2 * n, 8, 8)]
+        new_As, new_Bs = rotate(As, Bs, Rs)
+        for m, (A, B, R) in enumerate(zip(As, Bs, Rs)):
+            assert R.shape == (n, A.shape[1], A.shape[1])
+            for j in range(n):
+                alone = fit_rotations([A[j]], [B[j]], [A_refs[m]], [B_refs[m]], side, 1.0)[0]
+                torch.testing.assert_close(R[j], alone, atol=1e-6, rtol=0)
+                torch.testing.assert_close(new_As[m][j], alone.T @ A[j], atol=1e-6, rtol=0)
+                torch.testing.assert_close(new_Bs[m][j], B[j] @ alone, atol=1e-6, rtol=0)
+        assert (side == "B") == torch.equal(Rs[1], torch.eye(4).expand(n, 4, 4))
+
+
+def test_misfit_sums_the_fitted_side_over_modules_per_batch_element() -> None:
+    mods = [factors(k, 4, 6, 5) for k in range(2)]
+    refs = [factors(10 + k, 4, 6, 5) for k in range(2)]
+    As = [torch.stack([a, 2 * a]) for a, _ in mods]
+    Bs = [torch.stack([b, 3 * b]) for _, b in mods]
+    A_refs, B_refs = [a for a, _ in refs], [b for _, b in refs]
+    for side in SIDES:
+        got = misfit(As, Bs, A_refs, B_refs, side)
+        for j in range(2):
+            expected = sum(float(fit_error(A[j], B[j], ref, side, torch.eye(4))) ** 2
+                           for A, B, ref in zip(As, Bs, refs))
+            assert got.shape == (2,) and abs(float(got[j]) - expected) < 1e-4 * expected
+
+
+@pytest.mark.parametrize("side", SIDES)
 def test_error_shrinks_as_lam_grows(side: str) -> None:
     A, B = factors(30)
     g = torch.Generator().manual_seed(3)
-    Q = random_rotation(R_, g)
+    Q = random_rotations(1, R_, g)[0]
     noise_A, noise_B = factors(31)
-    ref = Q.T @ A + 0.3 * noise_A if side == "A" else B @ Q + 0.3 * noise_B
+    refs = (Q.T @ A + 0.3 * noise_A, B @ Q + 0.3 * noise_B)
     errors = []
     for lam in (0.0, 0.25, 0.5, 0.75, 1.0):
-        A2, B2 = align_pair(A, B, *((ref, None) if side == "A" else (None, ref)), side, lam)
-        errors.append(float(((A2 if side == "A" else B2) - ref).norm()))
-        R = soft_rotation(cross(A, B, ref, side)[None], lam)[0]
+        A2, B2 = align_pair(A, B, *refs, side, lam)
+        errors.append(float(fit_error(A2, B2, refs, side, torch.eye(R_))))
+        R = soft_rotation(cross(A, B, refs, side)[None], lam)[0]
         torch.testing.assert_close(R.T @ R, torch.eye(R_), atol=1e-5, rtol=0)
     assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0]
 
@@ -208,9 +266,9 @@ def test_bad_inputs_are_named() -> None:
             align_pair(A, B, A, None, "A", lam)
         with pytest.raises(ValueError, match="lam must be in"):
             soft_rotation(torch.eye(R_), lam)
-    with pytest.raises(ValueError, match=r"module 1: .*A \(8, 64\), B \(64, 8\), reference \(8, 5\)"):
+    with pytest.raises(ValueError, match=r"module 1: .*A \(8, 64\), B \(64, 8\), A reference \(8, 5\)"):
         align_modules([A, A], [B, B], [A, A[:, :5]], "A", 0.4)
-    with pytest.raises(ValueError, match="module 0: .*reference None"):
+    with pytest.raises(ValueError, match="module 0: .*B reference None"):
         align_pair(A, B, A, None, "B", 0.4)
     with pytest.raises(ValueError, match="module 0: .*B \\(64, 4\\)"):
         align_pair(A, B[:, :4], A, None, "A", 0.4)

@@ -161,3 +161,23 @@ def test_batched_and_one_by_one_training_agree(case: str) -> None:
     for other in results[1:]:
         assert torch.allclose(results[0], other, rtol=1e-5, atol=1e-6)
     config.lora.dropout = 0.0
+
+
+def test_init_modes_give_each_peer_its_own_or_a_rotated_start_whoever_hosts_it() -> None:
+    """per_peer: independent draws from peft's distribution; rotated: the shared A turned by a rotation
+    per peer (A^T A unchanged); both seeded per peer, so a process hosting peers 2-3 draws the same."""
+    shared = build_bank(CASES["toy"], PEERS, 8, 3, seed=0, device=CPU)
+    for mode in ("per_peer", "rotated"):
+        config = ModelConfig(name="toy:mlp", hidden=16)
+        config.lora.init = mode
+        everyone = build_bank(config, [0, 1, 2, 3], 8, 3, seed=0, device=CPU)
+        some = build_bank(config, [2, 3], 8, 3, seed=0, device=CPU)
+        assert torch.equal(everyone.flat(2), some.flat(2)) and torch.equal(everyone.flat(3), some.flat(3))
+        assert not torch.equal(everyone.flat(0), everyone.flat(1))
+        for peer in range(4):
+            assert all(b.abs().sum() == 0 for b in everyone.layout.b_views(everyone.flat(peer)))
+            for a, a0 in zip(everyone.layout.a_views(everyone.flat(peer)), shared.layout.a_views(shared.flat(0))):
+                if mode == "rotated":
+                    torch.testing.assert_close(a.T @ a, a0.T @ a0, rtol=0, atol=1e-6)
+                else:
+                    assert a.abs().max() <= 1 / a.shape[1] ** 0.5 and not torch.equal(a, a0)

@@ -9,9 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from p2p_fedrot.align import misfit
 from p2p_fedrot.config import load_config
 from p2p_fedrot.errors import ConfigError
+from p2p_fedrot.factors import FactorLayout, layout_of_state
+from p2p_fedrot.gossip import weighted_sum
+from p2p_fedrot.methods import MethodContext, PeerState, make_method
 from p2p_fedrot.methods.decaf import truncated_product_svd
+from p2p_fedrot.methods.fedrot import FedRot
 from p2p_fedrot.records import RoundClock
 from p2p_fedrot.runner import Experiment
 from p2p_fedrot.runtime import init_runtime
@@ -239,6 +244,183 @@ def test_pairwise_fedrot_in_server_mode_leaves_every_client_with_the_global_fact
     assert all(e > 0 for e in errors[1:])  # the hub averages factors, not products
 
 
+# fedrot on a hand-made layout: three modules, two ranks, a head; no training, so these run in milliseconds
+MODULES = {"q": (4, 12, 10), "v": (4, 8, 8), "o": (2, 6, 9)}  # name: (r, d_in, d_out)
+WEIGHTS = (0.4, 0.35, 0.25)
+FEDROT_SIDES = ("A", "B", "joint")
+
+
+def small_layout() -> FactorLayout:
+    state = {f"{m}.lora_A.weight": torch.zeros(r, d_in) for m, (r, d_in, _) in MODULES.items()}
+    state |= {f"{m}.lora_B.weight": torch.zeros(d_out, r) for m, (r, _, d_out) in MODULES.items()}
+    state["head.weight"] = torch.zeros(3, 5)
+    return layout_of_state(state, dict.fromkeys(MODULES, 1.0), "")
+
+
+def fedrot(**args) -> FedRot:
+    return make_method("fedrot", args, MethodContext(small_layout(), lambda: 0.5, server=False))
+
+
+def spun(layout: FactorLayout, flat: torch.Tensor, g: torch.Generator, noise: float = 0.0) -> torch.Tensor:
+    """A copy of ``flat`` with every module's factors turned by a random rotation: the same products
+    (up to ``noise``), misaligned factors."""
+    out = flat.clone()
+    for a, b in zip(layout.a_views(out), layout.b_views(out)):
+        q, _ = torch.linalg.qr(torch.randn(a.shape[0], a.shape[0], generator=g))
+        q[:, 0] *= torch.linalg.det(q).sign()  # a rotation (det +1), as alignment only undoes those
+        a.copy_(q.T @ a + noise * torch.randn(a.shape, generator=g))
+        b.copy_(b @ q + noise * torch.randn(b.shape, generator=g))
+    return out
+
+
+def spun_row(layout: FactorLayout, seed: int,
+             noise: float = 0.0) -> tuple[PeerState, list[tuple[float, torch.Tensor]]]:
+    """A receiver and its row: its own buffer first, then neighbours holding rotated copies of it."""
+    g = torch.Generator().manual_seed(seed)
+    peer = PeerState(0, torch.randn(layout.numel, generator=g))
+    return peer, [(WEIGHTS[0], peer.flat)] + [(w, spun(layout, peer.flat, g, noise)) for w in WEIGHTS[1:]]
+
+
+def relative_aggregation_error(layout: FactorLayout, inputs: list[tuple[float, torch.Tensor]],
+                               mixed: torch.Tensor) -> float:
+    """||sum_j w_j B_j A_j - B' A'||_F / ||sum_j w_j B_j A_j||_F over all modules, in float64."""
+    exact2 = error2 = 0.0
+    for m in range(len(layout.modules)):
+        exact = sum(w * layout.b_views(x)[m].double() @ layout.a_views(x)[m].double() for w, x in inputs)
+        got = layout.b_views(mixed)[m].double() @ layout.a_views(mixed)[m].double()
+        exact2 += float(exact.square().sum())
+        error2 += float((exact - got).square().sum())
+    return (error2 / exact2) ** 0.5
+
+
+@pytest.mark.parametrize("side", FEDROT_SIDES)
+@pytest.mark.parametrize("reference", ["pairwise", "neighbours"])
+def test_receiver_side_fedrot_averages_rotated_copies_without_aggregation_error(reference: str, side: str) -> None:
+    method = fedrot(lam=1.0, reference=reference, side=side)
+    peer, inputs = spun_row(method.context.layout, seed=1)
+    mixed = method.combine(peer, 1, inputs)
+    assert relative_aggregation_error(method.context.layout, inputs, mixed) <= 1e-6
+    assert relative_aggregation_error(method.context.layout, inputs, weighted_sum(inputs)) > 0.1  # fedit
+    head = slice(*method.context.layout.segments["head"])
+    assert torch.equal(mixed[head], weighted_sum(inputs)[head])
+    if reference == "pairwise":  # every neighbour is turned back onto the receiver's own factors
+        torch.testing.assert_close(mixed, peer.flat, atol=1e-5, rtol=0)
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(inputs, spun_row(method.context.layout, seed=1)[1]))
+
+
+@pytest.mark.parametrize("side", (*FEDROT_SIDES, "alternate"))
+@pytest.mark.parametrize("reference", ["consensus", "pairwise", "neighbours"])
+def test_fedrot_with_lam_zero_rotates_nothing_for_every_reference_and_side(reference: str, side: str) -> None:
+    method = fedrot(lam=0.0, reference=reference, side=side)
+    peer, inputs = spun_row(method.context.layout, seed=2)
+    peer.reference = inputs[1][1].clone()
+    flat = peer.flat.clone()
+    for round in (0, 1, 2):
+        method.before_send(peer, round)
+        assert torch.equal(peer.flat, flat)
+        assert torch.equal(method.combine(peer, round, inputs), weighted_sum(inputs))
+    assert method.rotations.angles == [] and method.rotations.gains == []
+
+
+@pytest.mark.parametrize("side", FEDROT_SIDES)
+def test_generalized_procrustes_never_raises_its_objective(side: str) -> None:
+    """sum_j w_j ||X_j R_j - mean||^2 of the fitted side after 0, 1, 2, ... iterations, on noisy rotated copies."""
+    layout = small_layout()
+    _, inputs = spun_row(layout, seed=3, noise=0.3)
+    weights = [w for w, _ in inputs]
+    start = tuple([torch.stack(batch) for batch in zip(*(views(x) for _, x in inputs))]
+                  for views in (layout.a_views, layout.b_views))
+    objectives = [gpa_objective(start, weights, side)]
+    for iters in range(1, 8):
+        method = fedrot(lam=1.0, reference="neighbours", side=side, iters=iters)
+        objectives.append(gpa_objective(method.generalized_procrustes(start, weights, side), weights, side))
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(objectives, objectives[1:])), objectives
+    assert objectives[-1] < 0.9 * objectives[0]
+
+
+def gpa_objective(factors: tuple[list[torch.Tensor], list[torch.Tensor]], weights: list[float], side: str) -> float:
+    mean = tuple([sum(w * x for w, x in zip(weights, batch)) for batch in part] for part in factors)
+    return float((torch.tensor(weights) * misfit(*factors, *mean, side)).sum())
+
+
+def test_joint_fedrot_turns_a_rotated_copy_back_onto_its_reference() -> None:
+    method = fedrot(lam=1.0, side="joint")
+    layout = method.context.layout
+    g = torch.Generator().manual_seed(4)
+    reference = torch.randn(layout.numel, generator=g)
+    peer = PeerState(0, spun(layout, reference, g), reference)
+    method.before_send(peer, 0)
+    torch.testing.assert_close(peer.flat, reference, atol=1e-5, rtol=0)
+    assert len(method.rotations.angles) == len(MODULES) and min(method.rotations.angles) > 0.1
+    assert len(method.rotations.gains) == 1 and method.rotations.gains[0] < 1e-5
+
+
+def test_round_zero_aligns_unless_the_fitted_reference_is_zero() -> None:
+    """At LoRA init B = 0: side B (alternate's round-0 side) has nothing to fit and gets R = I exactly;
+    side A fits from round 0."""
+    layout = small_layout()
+    g = torch.Generator().manual_seed(5)
+    reference = torch.randn(layout.numel, generator=g)
+    for b in layout.b_views(reference):
+        b.zero_()
+    trained = spun(layout, reference, g, noise=0.1)
+    for side, rotates in (("B", False), ("alternate", False), ("A", True), ("joint", True)):
+        method = fedrot(lam=0.5, side=side)
+        peer = PeerState(0, trained.clone(), reference)
+        method.before_send(peer, 0)
+        assert torch.equal(peer.flat, trained) != rotates, side
+        if rotates:
+            assert len(method.rotations.angles) == len(MODULES) and min(method.rotations.angles) > 0.01
+        else:  # logged as applied rotations that are exactly the identity
+            assert method.rotations.angles == [0.0] * len(MODULES) and method.rotations.gains == [1.0]
+
+
+@pytest.mark.parametrize("reference", ["consensus", "pairwise", "neighbours"])
+def test_rotation_log_sees_misaligned_copies_and_not_identical_ones(reference: str) -> None:
+    method = fedrot(lam=0.5, reference=reference, side="joint")
+    layout = method.context.layout
+    g = torch.Generator().manual_seed(6)
+    own = torch.randn(layout.numel, generator=g)
+    log = method.rotations
+    identical, rotated = [own.clone(), own.clone()], [spun(layout, own, g), spun(layout, own, g)]
+    for copies, misaligned in ((identical, False), (rotated, True)):
+        log.clear()
+        peer = PeerState(0, own.clone(), copies[0].clone())
+        if reference == "consensus":
+            peer.flat.copy_(copies[1])
+            method.before_send(peer, 1)
+            pairs = 1
+        else:
+            method.combine(peer, 1, [(w, x) for w, x in zip(WEIGHTS, [peer.flat, *copies])])
+            pairs = 2 if reference == "pairwise" else 3  # pairwise leaves the receiver's own factors as they are
+        if reference == "pairwise" and not misaligned:  # copies equal to the receiver's own: nothing to rotate
+            assert log.angles == [] and log.gains == []
+            continue
+        assert len(log.angles) == pairs * len(MODULES) and len(log.gains) == pairs
+        if misaligned:
+            assert min(log.angles) > 0.1 and max(log.gains) < 1.0
+        else:
+            assert max(log.angles) < 1e-4
+    assert make_method("fedit", {}, method.context).rotations.angles == []
+
+
+def test_fedrot_method_args_are_checked() -> None:
+    for args, key in (({"reference": "everyone"}, "reference"), ({"side": "C"}, "side"), ({"iters": 0}, "iters"),
+                      ({"iters": 1.5}, "iters"), ({"iters": True}, "iters"), ({"lam": 2}, "lam")):
+        with pytest.raises(ConfigError, match=f"method_args.{key} = "):
+            fedrot(**args)
+    assert fedrot().args == {"lam": 0.4, "side": "auto", "reference": "consensus", "iters": 2}
+
+
+def test_neighbours_fedrot_runs_on_a_ring_and_logs_its_rotations(tmp_path: Path) -> None:
+    exp = experiment(tmp_path, "method=fedrot", "method_args={lam: 1.0, reference: neighbours, side: joint}",
+                     "rounds=2")
+    exp.run()
+    assert not exp.method.needs_reference
+    log = exp.method.rotations
+    assert log.angles and log.gains and all(np.isfinite(log.angles)) and all(np.isfinite(log.gains))
+
+
 def test_fedex_effective_weights_are_the_exact_average_of_products(tmp_path: Path) -> None:
     exp = experiment(tmp_path, "method=fedex", "topology=server", "peers=5", "rounds=1")
     layout, clients = exp.layout, list(range(1, 5))
@@ -287,3 +469,57 @@ def test_centralized_is_one_learner_on_the_pooled_data(tmp_path: Path) -> None:
     for peer in range(8):
         assert torch.equal(exp.hosted.states[peer].flat, hand.hosted.states[0].flat)
     assert summary["bytes_sent_total"] == 0
+
+
+def test_aligning_to_the_neighbours_repairs_a_rotated_init(tmp_path: Path) -> None:
+    """Peers start from one init turned by a random rotation each: the same function, misaligned
+    factors. The diagnostics see it (almost all disagreement is rotational); fedit averages the
+    misaligned factors, while fedrot aligning to the neighbourhood (lam 1) cuts the round-0 error
+    tenfold and ends at least as accurate."""
+    runs = {}
+    for name, args in (("fedit", ["method=fedit"]),
+                       ("neighbours", ["method=fedrot", "method_args.reference=neighbours", "method_args.lam=1"])):
+        experiment(tmp_path / name, "peers=16", "rounds=10", "train.local_steps=10", "model.lora.init=rotated",
+                   *args).run()
+        runs[name] = metrics(tmp_path / name)
+    fedit, aligned = runs["fedit"], runs["neighbours"]
+    assert fedit[0]["rotational_share"] > 0.9 and fedit[0]["rotation_angle_max"] == 0.0
+    assert aligned[0]["aggregation_error_rel"] * 10 <= fedit[0]["aggregation_error_rel"]
+    assert aligned[0]["rotation_angle_mean"] > 1.0 and aligned[0]["alignment_gain"] < 0.5
+    assert aligned[-1]["mean_accuracy"] >= fedit[-1]["mean_accuracy"]
+
+
+def test_decaf_gives_two_peers_holding_one_product_the_same_factors() -> None:
+    """The SVD fixes singular pairs only up to sign: with the sign convention, factors of one product
+    come out identical however the inputs were expressed (flipped or rotated)."""
+    from p2p_fedrot.methods.decaf import truncated_product_svd
+    from p2p_fedrot.model import random_rotation
+
+    generator = torch.Generator().manual_seed(2)
+    B, A = torch.randn(12, 4, generator=generator), torch.randn(4, 9, generator=generator)
+    rotation = random_rotation(4, generator).float()
+    flips = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    first = truncated_product_svd([B], [A], [1.0], 4)
+    for b, a in ((B @ rotation, rotation.T @ A), (B * flips, flips[:, None] * A)):
+        second = truncated_product_svd([b], [a], [1.0], 4)
+        torch.testing.assert_close(second[0], first[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(second[1], first[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(first[0] @ first[1], B @ A, atol=1e-4, rtol=0)
+
+
+def test_decaf_consensus_adapter_is_the_truncated_svd_of_the_mean_product(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    exp = experiment(tmp_path, "method=decaf", "peers=4", "rounds=2")
+    exp.run()
+    adapters = tmp_path / "adapters"
+    peers = [load_file(adapters / f"peer_{p:03d}" / "adapter_model.safetensors") for p in range(4)]
+    consensus = load_file(adapters / "consensus" / "adapter_model.safetensors")
+    for a_spec, b_spec in zip(exp.layout.a, exp.layout.b):
+        mean = sum(p[b_spec.name].double() @ p[a_spec.name].double() for p in peers) / 4
+        u, s, vh = torch.linalg.svd(mean)
+        r = a_spec.shape[0]
+        best = u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
+        got = consensus[b_spec.name].double() @ consensus[a_spec.name].double()
+        assert (got - best).norm() <= 1e-5 * best.norm()
+        assert (got - mean).norm() > 1e-3 * mean.norm()  # the peers differ: the mean has more than rank r

@@ -161,3 +161,21 @@ def test_aggregation_error_is_zero_when_the_products_are_averaged_exactly() -> N
 def test_aggregation_error_of_a_peer_mixing_only_itself_is_zero() -> None:
     sent = random_flats(4)
     assert aggregation_errors(LAYOUT, {2: [(1.0, sent[2])]}, {2: sent[2].clone()}) == {2: (0.0, 0.0)}
+
+
+def test_rotational_disagreement_is_all_of_a_pure_rotation_and_none_of_identical_factors() -> None:
+    from p2p_fedrot.model import random_rotation
+
+    generator = torch.Generator().manual_seed(4)
+    own = torch.randn(LAYOUT.numel, generator=generator)
+    turned = own.clone()
+    for a, b in zip(LAYOUT.a_views(turned), LAYOUT.b_views(turned)):
+        rotation = random_rotation(a.shape[0], generator).float()
+        a.copy_(rotation.T @ a)
+        b.copy_(b @ rotation)
+    removed, total = metrics.rotational_disagreement(LAYOUT, own, turned)
+    assert total > 1.0 and abs(removed / total - 1.0) < 1e-6
+    assert metrics.rotational_disagreement(LAYOUT, own, own.clone()) == (0.0, 0.0)
+    noisy = own + 0.1 * torch.randn(LAYOUT.numel, generator=generator)  # not a rotation: little is removed
+    removed, total = metrics.rotational_disagreement(LAYOUT, own, noisy)
+    assert 0.0 <= removed < 0.5 * total

@@ -198,3 +198,14 @@ def test_topology_json_lists_the_nonzero_weights_of_a_large_graph() -> None:
     rows, columns, weights = zip(*entries)
     rebuilt = sparse.csr_array((weights, (rows, columns)), shape=(n, n))
     assert (rebuilt != large).nnz == 0
+
+
+def test_warmup_rounds_train_locally_before_the_first_exchange(tmp_path: Path) -> None:
+    """During the warm-up nothing travels and the peers drift apart; afterwards they mix."""
+    config = load_config(TOY, ["peers=4", "rounds=4", "train.warmup_rounds=2", "method=fedit", f"out={tmp_path}"])
+    summary = Experiment(config, init_runtime()).run()
+    records = read_metrics(tmp_path)
+    assert [r["bytes_sent"] for r in records[:2]] == [0, 0] and all(r["bytes_sent"] > 0 for r in records[2:])
+    assert records[1]["aggregation_error"] == 0.0 and records[1]["rotational_share"] is None
+    assert records[2]["rotational_share"] is not None
+    assert summary["payload_bytes"] > 0

@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..factors import FactorLayout
 from ..gossip import weighted_sum
+from ..reduction import Reduce, exact_sum
 
 ALL_PARTS = frozenset({"A", "B", "head"})
 
@@ -32,6 +33,20 @@ class PeerState:
     peer: int
     flat: torch.Tensor  # the live buffer its adapter parameters are views of
     reference: torch.Tensor | None = None  # copy of ``flat`` at the start of the round
+
+
+@dataclass
+class RotationLog:
+    """The rotations a method applied on this process since the last clear (the runner clears it every round)."""
+
+    angles: list[float]  # ||R - I||_F of each rotation applied (one per module and aligned factor pair)
+    # per aligned factor pair: distance of the fitted side to its reference after / before (each distance
+    # summed over modules inside its square root; 1 where the side already sat on its reference)
+    gains: list[float]
+
+    def clear(self) -> None:
+        self.angles.clear()
+        self.gains.clear()
 
 
 @dataclass(frozen=True)
@@ -73,6 +88,7 @@ class Method:
             raise ConfigError(f"method {self.name} aggregates on a server: use topology: server")
         self.args = {**self.params, **args}
         self.context = context
+        self.rotations = RotationLog([], [])  # what a rotating method applied, for the alignment diagnostics
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """State beyond the peers' buffers that a checkpoint must keep (the same on every process)."""
@@ -98,6 +114,11 @@ class Method:
     def payload_numel(self, round: int, step: int, sender: int) -> int:
         """Size of :meth:`pack`'s result for ``sender``; every process must compute the same."""
         return self.context.layout.payload_numel(self.sent_parts(round))
+
+    def consensus(self, rows: torch.Tensor, count: int, reduce: Reduce) -> torch.Tensor:
+        """The run's consensus adapter from every client's buffer (``rows``: this process's clients,
+        ``count`` clients in all): the exact mean of the buffers, as averaging methods mix."""
+        return exact_sum(rows.double(), reduce, count) / count
 
     def combine(self, peer: PeerState, round: int, inputs: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
         """New value of the sent parts from the (W_ij, x_j) pairs, ordered by j: sum_j W_ij x_j."""

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from ..factors import FactorLayout
+from ..reduction import Reduce, exact_sum
 from .base import Method, PeerState, adopts, register
 
 
@@ -29,10 +30,23 @@ def truncated_product_svd(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor]
     root = s[:rank].sqrt()
     B = (q_b @ u[:, :rank]) * root
     A = root[:, None] * (vh[:rank] @ q_a.T)
+    B, A = canonical_signs(B, A)
     if B.shape[1] < rank:  # fewer directions than the rank (tiny layers): pad with zeros
         B = torch.nn.functional.pad(B, (0, rank - B.shape[1]))
         A = torch.nn.functional.pad(A, (0, 0, 0, rank - A.shape[0]))
     return B.to(dtype), A.to(dtype)
+
+
+def canonical_signs(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each singular pair (column k of B, row k of A) so that its largest entry in B is positive.
+
+    An SVD fixes each pair only up to sign; without a convention two peers holding the same product
+    get factors with flipped columns, and averaging those factors destroys the product.
+    """
+    largest = B.abs().argmax(dim=0)
+    signs = torch.sign(B.gather(0, largest[None, :])).squeeze(0)
+    signs[signs == 0] = 1.0
+    return B * signs, A * signs[:, None]
 
 
 def mix_products(layout: FactorLayout, inputs: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
@@ -59,6 +73,22 @@ class DeCAF(Method):
         if adopts(inputs):
             return inputs[0][1].clone()  # adopting one peer's factors (server down step): keep them as they are
         return mix_products(self.context.layout, inputs)
+
+    def consensus(self, rows: torch.Tensor, count: int, reduce: Reduce) -> torch.Tensor:
+        """The mean of the products, re-factored at rank r as this method mixes (the head averaged):
+        averaging the factors themselves would not give the mean product."""
+        layout = self.context.layout
+        mean = super().consensus(rows, count, reduce)
+        for a_spec, b_spec, a_out, b_out in zip(layout.a, layout.b, layout.a_views(mean), layout.b_views(mean)):
+            products = torch.stack([b_spec.view(row).double() @ a_spec.view(row).double() for row in rows]) \
+                if len(rows) else torch.zeros(0, b_spec.shape[0], a_spec.shape[1], dtype=torch.float64)
+            product = exact_sum(products, reduce, count) / count
+            u, s, vh = torch.linalg.svd(product, full_matrices=False)
+            root = s[: a_spec.shape[0]].sqrt()
+            B, A = canonical_signs(u[:, : a_spec.shape[0]] * root, root[:, None] * vh[: a_spec.shape[0]])
+            b_out.copy_(B)
+            a_out.copy_(A)
+        return mean
 
 
 @register

@@ -1,0 +1,48 @@
+"""A round's disagreement and alignment numbers, combined over processes with exact sums.
+
+Each process measured its own peers and rows (mixer.py, the method's rotation log); here the sums
+and counts are all-reduced, so the record is the same whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .factors import FactorLayout
+from .methods.base import RotationLog
+from .metrics import consensus_distance
+from .mixer import MixOutcome
+from .reduction import Reduce, exact_sum
+
+
+def round_metrics(layout: FactorLayout, client_rows: torch.Tensor, clients: int, mixed: MixOutcome,
+                  rotations: RotationLog, reduce: Reduce) -> dict[str, float | None]:
+    """consensus_distance, aggregation_error(_rel), rotation_angle_mean/max, alignment_gain and
+    rotational_share of the round (alignment_gain and rotational_share are None where nothing was
+    measured: no rotation applied, no edge mixed)."""
+    errors, rows = _column_sums(mixed.errors, 2, reduce)
+    angles, rotated = _column_sums([(a,) for a in rotations.angles], 1, reduce)
+    gains, aligned = _column_sums([(g,) for g in rotations.gains], 1, reduce)
+    shares, edges = _column_sums(mixed.rotational, 2, reduce)
+    peak = torch.tensor([max(rotations.angles, default=0.0)], dtype=torch.float64)
+    reduce(peak, "max")
+    return {
+        "consensus_distance": consensus_distance(layout, client_rows, clients, reduce),
+        "aggregation_error": errors[0] / rows if rows else 0.0,
+        "aggregation_error_rel": errors[1] / rows if rows else 0.0,
+        "rotation_angle_mean": angles[0] / rotated if rotated else 0.0,
+        "rotation_angle_max": float(peak.item()),
+        "alignment_gain": gains[0] / aligned if aligned else None,
+        "rotational_share": (shares[0] / shares[1] if shares[1] > 0 else 0.0) if edges else None,
+    }
+
+
+def _column_sums(rows: list[tuple[float, ...]], width: int, reduce: Reduce) -> tuple[list[float], int]:
+    """Column sums of every process's rows, and how many rows there were in all."""
+    count = torch.tensor([float(len(rows))], dtype=torch.float64)
+    reduce(count, "sum")
+    total = int(count.item())
+    if total == 0:  # the same on every process, so all skip the sum together
+        return [0.0] * width, 0
+    local = torch.tensor(rows, dtype=torch.float64).reshape(-1, width)
+    return exact_sum(local, reduce, total).tolist(), total
