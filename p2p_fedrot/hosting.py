@@ -55,7 +55,9 @@ class HostedPeers:
         self.trainer.train(round, training, method.trained_parts(round))
         since = clock.add("train", since)
         for p in training:
-            method.before_send(self.states[p], round)
+            rotations = method.before_send(self.states[p], round)
+            if rotations is not None:
+                self.trainer.rotate_moments(p, rotations)
         clock.add("align", since)
         if method.pooled_data and training:
             for other in self.clients:

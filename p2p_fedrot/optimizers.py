@@ -61,6 +61,19 @@ class PeerOptimizers:
                 if tensor is not None:
                     block.write(tensor, start, end, value)
 
+    @torch.no_grad()
+    def rotate(self, row: int, rotations: list[torch.Tensor]) -> None:
+        """Follow a rotation of the row's factors (A <- R^T A, B <- B R per module) with its first
+        moment (SGD momentum, Adam's m), which is linear in the gradients and so rotates exactly.
+        Adam's second moment is a per-coordinate square with no rotated counterpart; it is kept."""
+        if self.moment is None:
+            return
+        moment = self.moment[row]
+        for R, a, b in zip(rotations, self.layout.a_views(moment), self.layout.b_views(moment)):
+            R = R.to(moment)
+            a.copy_(R.T @ a)
+            b.copy_(b @ R)
+
     def state_of(self, row: int) -> dict[str, torch.Tensor]:
         """One row's state, for its checkpoint file."""
         state = {"optimizer.steps": self.steps[row].clone()}

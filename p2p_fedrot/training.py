@@ -204,6 +204,10 @@ class BankTrainer:
         data = self.datasets[peer]
         return data.subset(torch.randperm(len(data), generator=generator)[: self.config.batch_size])
 
+    def rotate_moments(self, peer: int, rotations: list[torch.Tensor]) -> None:
+        """The peer's factors were rotated (see Method.before_send): rotate its optimizer's first moment too."""
+        self.optimizers.rotate(self.bank.row_of[peer], rotations)
+
     def optimizer_state(self, peer: int) -> dict[str, torch.Tensor]:
         return self.optimizers.state_of(self.bank.row_of[peer])
 

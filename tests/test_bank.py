@@ -13,7 +13,7 @@ from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from p2p_fedrot.adapters import save_peer_adapters
 from p2p_fedrot.config import ModelConfig, TrainConfig
 from p2p_fedrot.data import Dataset
-from p2p_fedrot.model import _base_model, build_bank, load_tokenizer, task_of
+from p2p_fedrot.model import _base_model, build_bank, load_tokenizer, random_rotation, task_of
 from p2p_fedrot.optimizers import PeerOptimizers
 from p2p_fedrot.training import BankTrainer, batch_scores, logits_of
 
@@ -181,3 +181,30 @@ def test_init_modes_give_each_peer_its_own_or_a_rotated_start_whoever_hosts_it()
                     torch.testing.assert_close(a.T @ a, a0.T @ a0, rtol=0, atol=1e-6)
                 else:
                     assert a.abs().max() <= 1 / a.shape[1] ** 0.5 and not torch.equal(a, a0)
+
+
+@pytest.mark.parametrize("follow", [True, False])
+def test_rotating_the_factors_and_the_momentum_keeps_the_trajectory(follow: bool) -> None:
+    """SGD's momentum is linear in the gradients, which rotate with the factors: rotating both after a
+    round gives exactly the same products as never rotating. Leaving the momentum unrotated does not."""
+    data = {0: Dataset({"features": torch.randn(64, 8, generator=torch.Generator().manual_seed(1))},
+                       torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(2)))}
+    config = TrainConfig(local_steps=4, batch_size=16, lr=0.1, momentum=0.9, weight_decay=0.01)
+    products = []
+    for rotate in (False, True):
+        bank = build_bank(CASES["toy"], [0], 8, 3, seed=0, device=CPU)
+        trainer = BankTrainer(bank, data, config, seed=3)
+        trainer.train(0, [0], frozenset({"A", "B", "head"}))
+        if rotate:
+            generator = torch.Generator().manual_seed(9)
+            rotations = [random_rotation(a.shape[0], generator).float() for a in bank.layout.a_views(bank.flat(0))]
+            for R, a, b in zip(rotations, bank.layout.a_views(bank.flat(0)), bank.layout.b_views(bank.flat(0))):
+                a.copy_(R.T @ a)
+                b.copy_(b @ R)
+            if follow:
+                trainer.rotate_moments(0, rotations)
+        trainer.train(1, [0], frozenset({"A", "B", "head"}))
+        layout = bank.layout
+        products.append([b @ a for a, b in zip(layout.a_views(bank.flat(0)), layout.b_views(bank.flat(0)))])
+    gap = max(float((p - q).abs().max()) for p, q in zip(*products))
+    assert (gap < 1e-5) if follow else (gap > 1e-4), gap

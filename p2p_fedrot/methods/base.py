@@ -104,8 +104,11 @@ class Method:
         """Parts that travel this round; the empty set means no communication at all."""
         return ALL_PARTS
 
-    def before_send(self, peer: PeerState, round: int) -> None:
-        """Hook run on every training peer after local steps and before the exchange."""
+    def before_send(self, peer: PeerState, round: int) -> list[torch.Tensor] | None:
+        """Hook run on every training peer after local steps and before the exchange. A method that
+        re-expresses the factors by rotations returns them, one r x r R per module (A <- R^T A,
+        B <- B R), so that the peer's optimizer moments can follow; None otherwise."""
+        return None
 
     def pack(self, peer: PeerState, round: int, step: int, payload: torch.Tensor) -> torch.Tensor:
         """The message ``peer`` sends in mixing step ``step`` (the server mode has two steps)."""

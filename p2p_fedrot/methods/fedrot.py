@@ -80,11 +80,13 @@ class FedRot(Method):
         the identity for it, so side A and joint align from round 0 and side B waits for a nonzero B."""
         return self.lam > 0.0
 
-    def before_send(self, peer: PeerState, round: int) -> None:
+    def before_send(self, peer: PeerState, round: int) -> list[torch.Tensor] | None:
         if self.reference != "consensus" or not self.aligns(round) or peer.reference is None:
-            return
-        rotated = self._align(self._views(peer.flat), self._views(peer.reference), self.side_at(round))
-        self._write(peer.flat, rotated, ())
+            return None
+        factors = self._views(peer.flat)
+        Rs = fit_rotations(*factors, *self._views(peer.reference), self.side_at(round), self.lam)
+        self._write(peer.flat, self._rotate_logged(factors, self._views(peer.reference), Rs, self.side_at(round)), ())
+        return Rs
 
     def combine(self, peer: PeerState, round: int, inputs: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
         """Receiver-side references average copies of the inputs whose factors were rotated first."""
@@ -125,7 +127,9 @@ class FedRot(Method):
 
     def _align(self, factors: Factors, refs: Factors, side: Side) -> Factors:
         """The factors rotated toward ``refs`` (each reference broadcast over the batch), logged."""
-        Rs = fit_rotations(*factors, *refs, side, self.lam)
+        return self._rotate_logged(factors, refs, fit_rotations(*factors, *refs, side, self.lam), side)
+
+    def _rotate_logged(self, factors: Factors, refs: Factors, Rs: list[torch.Tensor], side: Side) -> Factors:
         rotated = rotate(*factors, Rs)
         self._log(Rs, misfit(*factors, *refs, side), misfit(*rotated, *refs, side))
         return rotated
