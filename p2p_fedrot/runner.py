@@ -52,6 +52,8 @@ def run(config: RunConfig) -> dict:
         agree(runtime, startup_header(config), "the configuration and package versions", config.comm.timeout_s, name)
         return Experiment(config, runtime).run()
     finally:
+        if runtime.heartbeat is not None:
+            runtime.heartbeat.stop()
         if runtime.distributed and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -34,15 +34,22 @@ class Heartbeat:
     def __init__(self, store: dist.Store, rank: int, world: int) -> None:
         self.store, self.rank, self.world = store, rank, world
         self.store.add(self._key(rank), 1)
-        threading.Thread(target=self._beat, name="p2p_fedrot-heartbeat", daemon=True).start()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="p2p_fedrot-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the beats before the store goes away: a beat still inside the store's C++ client while
+        the interpreter shuts down can abort the process."""
+        self._stopped.set()
+        self._thread.join(timeout=2 * HEARTBEAT_S)
 
     @staticmethod
     def _key(rank: int) -> str:
         return f"p2p_fedrot/heartbeat/{rank}"
 
     def _beat(self) -> None:
-        while True:
-            time.sleep(HEARTBEAT_S)
+        while not self._stopped.wait(HEARTBEAT_S):
             try:
                 self.store.add(self._key(self.rank), 1)
             except Exception:  # the store's host is gone: the run is ending anyway
