@@ -80,7 +80,6 @@ class Mixer:
         outcome.errors += list(aggregation_errors(self.layout, rows, {i: states[i].flat for i in sent}).values())
         for i, triples in sent.items():
             outcome.rotational += [rotational_disagreement(self.layout, before[i], x) for j, _, x in triples if j != i]
-        return outcome
 
     def sent_buffers(self, round: int, k: int, W, states: dict[int, PeerState], mixes: dict[int, MixInputs],
                      parts: frozenset[str], refused: set[tuple[int, int]]) -> dict[int, list[tuple[int, float, torch.Tensor]]]:

@@ -95,9 +95,14 @@ def peers_per_forward(setting: str | bool | int, bank: PeerBank, data: Dataset, 
         return int(setting)
     if bank.device.type == "cuda":
         return hosted
-    sample = next(iter(data.inputs.values()))
-    tokens = batch_size * (sample.shape[1] if sample.dim() > 1 else 1)
+    tokens = tokens_per_batch(data, batch_size)
     return hosted if sum(p.numel() for p in bank.model.parameters()) * tokens < CPU_BATCHING_WORK else 1
+
+
+def tokens_per_batch(data: Dataset, batch_size: int) -> int:
+    """Tokens in one batch of ``data`` (feature vectors count one per example)."""
+    sample = next(iter(data.inputs.values()))
+    return batch_size * (sample.shape[1] if sample.dim() > 1 else 1)
 
 
 class LossScale:
@@ -249,9 +254,7 @@ def _eval_groups(peers: list[int], datasets: Mapping[int, Dataset], batch_size: 
     """Peers evaluated in one forward: up to ``group`` of them, as many as fit EVAL_TOKENS."""
     if group == 1 or not peers:
         return [[p] for p in peers]
-    sample = next(iter(datasets[peers[0]].inputs.values()))
-    tokens = batch_size * (sample.shape[1] if sample.dim() > 1 else 1)
-    size = max(1, min(group, EVAL_TOKENS // max(tokens, 1)))
+    size = max(1, min(group, EVAL_TOKENS // max(tokens_per_batch(datasets[peers[0]], batch_size), 1)))
     return [peers[i : i + size] for i in range(0, len(peers), size)]
 
 
