@@ -1,4 +1,4 @@
-"""Command line: ``p2p-fedrot run CONFIG``, ``p2p-fedrot topology SPEC``, ``p2p-fedrot report RUN...``.
+"""Command line: ``p2p-fedrot run CONFIG``, ``sweep CONFIG --grid ...``, ``topology SPEC``, ``report RUN...``.
 
 Errors a user can fix are printed as one line naming the problem and the fix, not a traceback.
 """
@@ -40,6 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     topo.add_argument("--allow-disconnected", action="store_true", help="accept a disconnected graph")
     topo.add_argument("--json", action="store_true", help="print the statistics as JSON")
     topo.add_argument("--png", metavar="FILE", help="also draw the graph to this PNG file")
+    topo.add_argument("--simulate", type=int, metavar="T",
+                      help="gossip random vectors for T rounds and print the relative consensus error per round "
+                           "beside the spectral prediction rho^t")
+
+    sweep = sub.add_parser("sweep", help="run a seeded grid of experiments (resumable), then report over seeds")
+    sweep.add_argument("config", help="YAML config file every run starts from")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="a key and its values (YAML; quote mappings: 'topology=ring,{name: erdos_renyi, p: 0.2}'); "
+                            "repeat for a Cartesian product")
+    sweep.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
+    sweep.add_argument("--out", required=True, help="folder of the sweep: OUT/<cell>/seed<k>, logs and the report")
+    sweep.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
+    sweep.add_argument("--nproc", type=int, default=1, help="processes per run, launched with torchrun (default 1)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key in every run (repeatable)")
 
     report = sub.add_parser("report", help="table and plots comparing finished runs")
     report.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl, summary.json, ...)")
@@ -57,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return command_run(args)
         if args.command == "report":
             return command_report(args)
+        if args.command == "sweep":
+            return command_sweep(args)
         return command_topology(args)
     except PeerError as exc:
         print(f"p2p-fedrot: peer failure: {exc}", file=sys.stderr, flush=True)
@@ -87,12 +104,37 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .report import write_report
+    from .sweep import parse_grid, parse_seeds, plan, run_sweep
+
+    out = Path(args.out)
+    runs = plan(args.config, [parse_grid(item) for item in args.grid], parse_seeds(args.seeds), out, args.overrides)
+    failed = run_sweep(runs, args.config, out, args.jobs, args.nproc)
+    finished = [run.folder for run in runs if run not in failed]
+    if finished:
+        path = write_report(finished, out / "report")
+        print(path.read_text())
+        print(f"report: {path}")
+    if failed:
+        print(f"p2p-fedrot: error: {len(failed)} of {len(runs)} runs failed ({', '.join(r.label for r in failed)}); "
+              f"their logs are in {out / 'logs'}; run the same command again to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
 def command_topology(args: argparse.Namespace) -> int:
-    from .mixing import DENSE_SPECTRAL_LIMIT, compose, mixing_matrix, server_mixing_steps
+    from .consensus import predicted_consensus_error, simulated_consensus_error
+    from .mixing import DENSE_SPECTRAL_LIMIT, compose
+    from .schedule import MixingSchedule
     from .topology import build_topology, check_drawable, draw_topology, progress_to, topology_stats
 
     if args.peers < 2:
         raise ConfigError("--peers must be at least 2")
+    if args.simulate is not None and args.simulate < 0:
+        raise ConfigError(f"--simulate {args.simulate}: give a number of rounds, 0 or more")
     spec = args.spec
     if spec.lstrip().startswith("{"):
         try:
@@ -106,28 +148,42 @@ def command_topology(args: argparse.Namespace) -> int:
         graph = topology.graph_at(args.round)
         if args.png:
             check_drawable(graph)
-        if topology.server:  # a round is the hub's average then the clients' adoption (equal weights here)
-            if args.peers > DENSE_SPECTRAL_LIMIT:
-                raise ConfigError(
-                    f"topology '{topology.name}': a server round's mixing matrix is dense (N x N), so it is described "
-                    f"for at most {DENSE_SPECTRAL_LIMIT:,} peers; use fewer peers, or 'star' for the hub's graph"
-                )
-            W, mixing = compose(server_mixing_steps([1.0] * (args.peers - 1))), "server average"
-        else:  # W is sparse: an N x N array of 20,000 peers would be 3.2 GB
-            W, mixing = mixing_matrix(graph, args.mixing), args.mixing
-        stats = topology_stats(graph, W)
+        if topology.server and args.peers > DENSE_SPECTRAL_LIMIT:
+            raise ConfigError(
+                f"topology '{topology.name}': a server round's mixing matrix is dense (N x N), so it is described "
+                f"for at most {DENSE_SPECTRAL_LIMIT:,} peers; use fewer peers, or 'star' for the hub's graph"
+            )
+        # a run's mixing, with equal client weights for the server's average; W stays sparse
+        schedule = MixingSchedule(topology, args.mixing, [1] * (args.peers - 1), args.seed, 1.0)
+        mixing = "server average" if topology.server else args.mixing
+        stats = topology_stats(graph, compose(schedule.graph_steps(args.round)))
+        if args.simulate is not None:
+            stats["simulated_consensus_error"] = simulated_consensus_error(schedule, args.simulate, args.seed)
+            stats["predicted_consensus_error"] = predicted_consensus_error(schedule, args.simulate)
     if args.json:
         print(json.dumps(stats))
     else:
-        skipped = stats.pop("skipped", {})
-        width = max(len(k) for k in stats)
-        print(f"topology {topology.name} ({'static' if topology.static else 'time-varying'}, mixing {mixing})")
-        for key, value in stats.items():
-            if isinstance(value, float):  # a large ring's gap is ~1e-8: show its digits, not 0.000000
-                value = f"{value:.3e}" if 0 < abs(value) < 1e-3 else f"{value:.6f}"
-            print(f"  {key:<{width}}  {value}")
-        for key, reason in skipped.items():
-            print(f"  ({key} skipped: {reason})")
+        print_topology(stats, f"topology {topology.name} ({'static' if topology.static else 'time-varying'}, "
+                              f"mixing {mixing})")
     if args.png:
         draw_topology(graph, args.png, title=f"{topology.name}, {args.peers} peers")
     return 0
+
+
+def print_topology(stats: dict, title: str) -> None:
+    """The statistics one per line, then the simulated consensus error per round beside its prediction."""
+    skipped = stats.pop("skipped", {})
+    simulated, predicted = stats.pop("simulated_consensus_error", None), stats.pop("predicted_consensus_error", None)
+    width = max(len(k) for k in stats)
+    print(title)
+    for key, value in stats.items():
+        if isinstance(value, float):  # a large ring's gap is ~1e-8: show its digits, not 0.000000
+            value = f"{value:.3e}" if 0 < abs(value) < 1e-3 else f"{value:.6f}"
+        print(f"  {key:<{width}}  {value}")
+    for key, reason in skipped.items():
+        print(f"  ({key} skipped: {reason})")
+    if simulated is not None:
+        print("relative consensus error of gossiped random vectors (measured) and its spectral prediction:")
+        print(f"  {'round':>5}  {'measured':>10}  {'predicted':>10}")
+        for t, (measured, bound) in enumerate(zip(simulated, predicted)):
+            print(f"  {t:>5}  {measured:>10.3e}  {bound:>10.3e}")

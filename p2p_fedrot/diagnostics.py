@@ -17,7 +17,7 @@ from .reduction import Reduce, exact_sum
 
 def round_metrics(layout: FactorLayout, client_rows: torch.Tensor, clients: int, mixed: MixOutcome,
                   rotations: RotationLog, reduce: Reduce) -> dict[str, float | None]:
-    """consensus_distance, aggregation_error(_rel), rotation_angle_mean/max, alignment_gain and
+    """consensus_distance(_rel), aggregation_error(_rel), rotation_angle_mean/max, alignment_gain and
     rotational_share of the round (alignment_gain and rotational_share are None where nothing was
     measured: no rotation applied, no edge mixed)."""
     errors, rows = _column_sums(mixed.errors, 2, reduce)
@@ -26,8 +26,10 @@ def round_metrics(layout: FactorLayout, client_rows: torch.Tensor, clients: int,
     shares, edges = _column_sums(mixed.rotational, 2, reduce)
     peak = torch.tensor([max(rotations.angles, default=0.0)], dtype=torch.float64)
     reduce(peak, "max")
+    distance, relative = consensus_distance(layout, client_rows, clients, reduce)
     return {
-        "consensus_distance": consensus_distance(layout, client_rows, clients, reduce),
+        "consensus_distance": distance,
+        "consensus_distance_rel": relative,
         "aggregation_error": errors[0] / rows if rows else 0.0,
         "aggregation_error_rel": errors[1] / rows if rows else 0.0,
         "rotation_angle_mean": angles[0] / rotated if rotated else 0.0,

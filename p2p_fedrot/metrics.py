@@ -66,20 +66,23 @@ def _product_bound(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Te
     return abs(scaling) * _pairwise_sum_(a_max * b_max).amax()
 
 
-def consensus_distance(layout: FactorLayout, flats: torch.Tensor, total: int, reduce: Reduce) -> float:
-    """(1/N) sum_i sum_m ||P_i,m - mean_k P_k,m||_F^2 over all N = ``total`` peers of every process.
+def consensus_distance(layout: FactorLayout, flats: torch.Tensor, total: int, reduce: Reduce) -> tuple[float, float]:
+    """(D, D / S): D = (1/N) sum_i sum_m ||P_i,m - mean_k P_k,m||_F^2 over all N = ``total`` peers of every
+    process, and S = (1/N) sum_i sum_m ||P_i,m||_F^2, the peers' mean squared product norm, which gives
+    D a scale (0: consensus; about 1: the peers' updates are as far apart as they are large; 0 when S is).
 
     ``flats`` (k, numel) holds this process's hosted peers (k may be 0; the process still takes part
     in every reduce, all processes in the same order). Two passes per module, so close peers lose
     nothing to cancellation: the exact sum of the products gives the mean, then each hosted peer's
-    squared distance to it; the per-peer distances are summed exactly too. Products are float64,
-    one module and one chunk of peers (``CHUNK_BYTES``) at a time. The mean is off by at most about
-    2^-(62 - log2 N - log2 r) of the largest product entry (see :mod:`.reduction`).
+    squared distance to it; the per-peer distances and norms are summed exactly too. Products are
+    float64, one module and one chunk of peers (``CHUNK_BYTES``) at a time. The mean is off by at most
+    about 2^-(62 - log2 N - log2 r) of the largest product entry (see :mod:`.reduction`).
     """
     k, device = flats.shape[0], flats.device
     modules = [(_hosted(flats, a), _hosted(flats, b), s) for a, b, s in zip(layout.a, layout.b, layout.scalings)]
     local = torch.stack([_product_bound(a, b, s) for a, b, s in modules])
     distances = torch.zeros(k, dtype=torch.float64, device=device)
+    norms = torch.zeros(k, dtype=torch.float64, device=device)
     for (a, b, scaling), peak in zip(modules, global_peaks(local, reduce)):
         shape = (b.shape[1], a.shape[2])
         chunk = max(1, CHUNK_BYTES // (8 * shape[0] * shape[1]))
@@ -89,9 +92,12 @@ def consensus_distance(layout: FactorLayout, flats: torch.Tensor, total: int, re
             summed.add(_products(a[block], b[block], scaling))
         mean = summed.total(reduce) / total
         for block in blocks:
-            gap = _products(a[block], b[block], scaling).sub_(mean)
-            distances[block] += _pairwise_sum_(gap.square_().flatten(1))
-    return float(exact_sum(distances, reduce, total)) / total
+            products = _products(a[block], b[block], scaling)
+            norms[block] += _pairwise_sum_(products.square().flatten(1))
+            distances[block] += _pairwise_sum_(products.sub_(mean).square_().flatten(1))
+    distance = float(exact_sum(distances, reduce, total)) / total
+    scale = float(exact_sum(norms, reduce, total)) / total
+    return distance, distance / scale if scale > 0 else 0.0
 
 
 def _row_norms2(a_spec: TensorSpec, b_spec: TensorSpec, row: Sequence[tuple[float, torch.Tensor]],

@@ -67,7 +67,8 @@ def _warn_if_irregular(degree: np.ndarray) -> None:
 def mixing_matrix(graph: nx.Graph, scheme: str = "metropolis") -> sparse.csr_array:
     """Mixing step of ``graph`` (float64 N x N CSR, index = node label), built from the edge list.
 
-    Memory grows with the edges, not with N^2, so it serves graphs of thousands of peers. Each
+    A directed edge u -> v is a route from u to v only, and the weights count the peers a row hears
+    from. Memory grows with the edges, not with N^2, so it serves graphs of thousands of peers. Each
     diagonal entry is 1 minus its row's off-diagonal weights added in ascending column order, so
     the same graph gives the same bits whatever order its edges were inserted in.
     """
@@ -86,13 +87,15 @@ def mixing_matrix(graph: nx.Graph, scheme: str = "metropolis") -> sparse.csr_arr
 
 
 def _directed_edges(graph: nx.Graph) -> tuple[int, np.ndarray, np.ndarray]:
-    """(N, rows, columns): every edge in both directions, self-loops dropped, without an N x N array.
+    """(N, rows, columns): (receiver, sender) of every route, self-loops dropped, without an N x N array:
+    an undirected edge is a route each way, a directed edge u -> v one route (v hears from u), so a
+    row's degree counts the peers it hears from.
 
     Read from the adjacency mapping, which lists each edge from both ends (graph.edges would also
     tie the graph into a reference cycle that only the garbage collector frees).
     """
     n = _peer_count(graph)
-    adjacency = (nx.Graph(graph) if graph.is_directed() else graph).adj
+    adjacency = graph.pred if graph.is_directed() else graph.adj
     columns = np.fromiter(chain.from_iterable(adjacency[u] for u in range(n)), dtype=np.int64)
     rows = np.repeat(np.arange(n), [len(adjacency[u]) for u in range(n)])
     distinct = rows != columns

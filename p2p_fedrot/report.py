@@ -1,14 +1,35 @@
-"""Compare finished runs: a Markdown table and plots of accuracy and consensus distance per round."""
+"""Compare finished runs: runs that differ only in their seed form one group, reported as mean +/- std.
+
+``summary.md`` holds the table, ``summary.json`` the same numbers for scripts, and the plots show
+accuracy per round (a band over seeds), final accuracy against the spectral gap and against the bytes
+sent, and the consensus distance per round beside what the mixing matrix alone would give.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterable
 
 import yaml
 
+from .config import dotted
 from .errors import ConfigError
-from .io import atomic_write_png, atomic_write_text, read_json, read_jsonl
+from .io import atomic_write_json, atomic_write_png, atomic_write_text, read_json, read_jsonl
+
+# settings that do not make two runs different experiments: the seed is what a group varies over
+NOT_GROUPED = ("seed", "out", "threads", "resume", "overwrite", "checkpoint_every", "comm.timeout_s")
+
+LOG_FLOOR = 1e-15  # on a log axis, values at or below this (relative consensus at float noise) are left out
+ALIGNMENT_PLOTS = {  # per-round diagnostics, plotted when some run recorded them
+    "rotational_share": "rotational share of neighbour disagreement",
+    "rotation_angle_mean": "mean ||R - I||_F of the rotations applied",
+    "alignment_gain": "alignment gain (distance after / before)",
+    "aggregation_error_rel": "relative aggregation error",
+}
 
 
 def load_run(run_dir: str | os.PathLike) -> dict:
@@ -22,7 +43,7 @@ def load_run(run_dir: str | os.PathLike) -> dict:
             "pass folders written by `p2p-fedrot run`"
         )
     return {
-        "name": folder.name,
+        "folder": folder,
         "metrics": read_jsonl(folder / "metrics.jsonl"),
         "summary": read_json(folder / "summary.json"),
         "config": yaml.safe_load((folder / "config.yaml").read_text()),
@@ -30,75 +51,255 @@ def load_run(run_dir: str | os.PathLike) -> dict:
     }
 
 
-def summary_table(runs: list[dict]) -> str:
-    """Markdown table: one row per run with its graph, method and final numbers."""
-    header = ("| run | topology | method | spectral gap | mean acc | min acc | consensus dist | MB sent | wall s |\n"
-              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n")
-    rows = []
+@dataclass
+class Group:
+    """Runs of one experiment over seeds."""
+
+    label: str
+    runs: list[dict] = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        return self.runs[0]["summary"]["method"]
+
+    @property
+    def topology(self) -> str:
+        return self.runs[0]["summary"]["topology"]
+
+
+def _settings(run: dict) -> dict[str, Any]:
+    """Dotted settings, with the topology kept whole (a name or a mapping such as {name: ..., p: 0.2})."""
+    config = dict(run["config"])
+    topology = config.pop("topology", None)
+    settings = {key: value for key, value in dotted(config).items() if key not in NOT_GROUPED}
+    return {"topology": topology, **settings}
+
+
+def group_runs(runs: list[dict]) -> list[Group]:
+    """Runs with equal settings but for the seed, in the order first seen, each group labelled by the
+    settings that tell it apart from the others (its folder's name when there is one group)."""
+    keyed: dict[str, tuple[dict, Group]] = {}
     for run in runs:
-        s, last = run["summary"], run["metrics"][-1] if run["metrics"] else {}
-        rows.append(
-            f"| {run['name']} | {s['topology']} | {s['method']} | {run['topology']['spectral_gap']:.4f} | "
-            f"{_fmt(s.get('final_mean_accuracy'))} | {_fmt(s.get('final_min_accuracy'))} | "
-            f"{_fmt(last.get('consensus_distance'), '.2e')} | {s['bytes_sent_total'] / 1e6:.2f} | "
-            f"{s['wall_time_s']:.1f} |"
-        )
+        settings = _settings(run)
+        key = repr(sorted(settings.items(), key=lambda item: item[0]))
+        keyed.setdefault(key, (settings, Group("")))[1].runs.append(run)
+    groups = [group for _, group in keyed.values()]
+    varying = [k for k in dict.fromkeys(k for settings, _ in keyed.values() for k in settings)
+               if len({repr(s.get(k)) for s, _ in keyed.values()}) > 1]
+    for settings, group in keyed.values():
+        if varying:
+            group.label = ", ".join(f"{k}={_short(settings.get(k))}" for k in varying)
+        else:
+            group.label = _common_name(group.runs)
+    return groups
+
+
+def _short(value: Any) -> str:
+    """ring, or erdos_renyi(p=0.2) for a mapping with a name."""
+    if isinstance(value, dict):
+        rest = ", ".join(f"{k}={v}" for k, v in value.items() if k != "name")
+        return f"{value.get('name', '')}({rest})"
+    return str(value)
+
+
+def _common_name(runs: list[dict]) -> str:
+    """A folder name for a lone group: its runs' own, or their parent's for OUT/<cell>/seed<k>."""
+    names = {run["folder"].resolve().name for run in runs}
+    if len(names) == 1 and len(runs) == 1:
+        return names.pop()
+    parents = {run["folder"].resolve().parent.name for run in runs}
+    return parents.pop() if len(parents) == 1 else "runs"
+
+
+def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None, int]:
+    """(mean, sample standard deviation, n) over the values that exist; std is 0 for one value."""
+    known = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not known:
+        return None, None, 0
+    return statistics.fmean(known), statistics.stdev(known) if len(known) > 1 else 0.0, len(known)
+
+
+def _last(run: dict, key: str) -> float | None:
+    return run["metrics"][-1].get(key) if run["metrics"] else None
+
+
+def group_stats(group: Group) -> dict[str, Any]:
+    """A group's final numbers as {name: {"mean", "std", "n"}}, plus what identifies it."""
+    measures = {
+        "final_mean_accuracy": [r["summary"].get("final_mean_accuracy") for r in group.runs],
+        "final_min_accuracy": [r["summary"].get("final_min_accuracy") for r in group.runs],
+        "consensus_distance_rel": [_last(r, "consensus_distance_rel") for r in group.runs],
+        "aggregation_error_rel": [_last(r, "aggregation_error_rel") for r in group.runs],
+        "mb_sent": [r["summary"]["bytes_sent_total"] / 1e6 for r in group.runs],
+        "wall_time_s": [r["summary"].get("wall_time_s") for r in group.runs],
+        "spectral_gap": [r["topology"].get("spectral_gap") for r in group.runs],
+    }
+    stats = {name: dict(zip(("mean", "std", "n"), mean_std(values))) for name, values in measures.items()}
+    return {"label": group.label, "topology": group.topology, "method": group.method,
+            "seeds": [r["config"]["seed"] for r in group.runs], "runs": [str(r["folder"]) for r in group.runs],
+            **stats}
+
+
+def _cell(stat: dict, spec: str, spread_if_zero: bool = True) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    text = format(stat["mean"], spec)
+    if stat["n"] < 2 or (stat["std"] == 0 and not spread_if_zero):
+        return text
+    return f"{text} +/- {format(stat['std'], spec)}"
+
+
+def summary_table(stats: list[dict]) -> str:
+    """Markdown table: one row per group, mean +/- std over its n seeds."""
+    header = ("| runs | topology | method | n | spectral gap | mean acc | min acc | consensus (rel) | "
+              "aggregation error (rel) | MB sent | wall s |\n"
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+    rows = [f"| {s['label']} | {s['topology']} | {s['method']} | {len(s['runs'])} | {_cell(s['spectral_gap'], '.4f', spread_if_zero=False)} | "
+            f"{_cell(s['final_mean_accuracy'], '.4f')} | {_cell(s['final_min_accuracy'], '.4f')} | "
+            f"{_cell(s['consensus_distance_rel'], '.2e')} | {_cell(s['aggregation_error_rel'], '.2e')} | "
+            f"{_cell(s['mb_sent'], '.2f')} | {_cell(s['wall_time_s'], '.1f')} |" for s in stats]
     return header + "\n".join(rows) + "\n"
 
 
-def _fmt(value, spec: str = ".4f") -> str:
-    return "n/a" if value is None else format(value, spec)
+# ---------------------------------------------------------------- plots
 
 
-ALIGNMENT_PLOTS = {  # per-round diagnostics, plotted when some run recorded them
-    "rotational_share": "rotational share of neighbour disagreement",
-    "rotation_angle_mean": "mean ||R - I||_F of the rotations applied",
-    "alignment_gain": "alignment gain (distance after / before)",
-    "aggregation_error_rel": "relative aggregation error",
-}
-
-
-def plot_runs(runs: list[dict], key: str, ylabel: str, path: Path, log: bool = False) -> None:
-    """One line per run of ``key`` against the round number, saved as a PNG."""
+def _figure():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(6.4, 4.2))
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for run in runs:
-        rounds = [m["round"] + 1 for m in run["metrics"]]
-        values = [float("nan") if m.get(key) is None else m[key] for m in run["metrics"]]
-        if log:  # exact consensus (0) has no place on a log axis: leave that point out
-            values = [v if v > 0 else float("nan") for v in values]
-        axes.plot(rounds, values, marker="o", markersize=3, label=run["name"])
+    return figure, figure.add_subplot()
+
+
+def per_round(group: Group, key: str) -> tuple[list[int], list[float], list[float]]:
+    """(rounds, mean, std) of ``key`` over the group's seeds, at the rounds every seed recorded."""
+    series = [{m["round"] + 1: m.get(key) for m in run["metrics"]} for run in group.runs]
+    rounds = sorted(set.intersection(*(set(s) for s in series)))
+    means, stds = [], []
+    for r in rounds:
+        mean, std, _ = mean_std(s[r] for s in series)
+        means.append(math.nan if mean is None else mean)
+        stds.append(math.nan if std is None else std)
+    return rounds, means, stds
+
+
+def plot_per_round(groups: list[Group], key: str, ylabel: str, path: Path, log: bool = False,
+                   prediction: bool = False) -> None:
+    """One line per group (mean over seeds, a band of +/- one std); with ``prediction``, beside each
+    line the pure-gossip decay rho^(2t) from its first point (the consensus distance is squared).
+    On a log axis, values at float-noise level (exact consensus) are left out."""
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = _figure()
+    colours = _colours(len(groups))
+    lines = [(group, *per_round(group, key)) for group in groups]
+    if log:
+        lines = [(g, rounds, [m if m > LOG_FLOOR else math.nan for m in means], stds) for g, rounds, means, stds in lines]
+    shown = [m for _, _, means, _ in lines for m in means if math.isfinite(m)]
+    for (group, rounds, means, stds), colour in zip(lines, colours):
+        axes.plot(rounds, means, marker="o", markersize=3, color=colour, label=group.label)
+        low, high = [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)]
+        axes.fill_between(rounds, [v if v > 0 or not log else math.nan for v in low], high, color=colour,
+                          alpha=0.15, linewidth=0)
+        if prediction and shown:
+            _plot_prediction(axes, group, rounds, means, 0.1 * min(shown), colour)
+    if prediction:
+        axes.plot([], [], linestyle="--", color="grey", label="mixing alone: first value x rho^(2t)")
     if log:
         axes.set_yscale("log")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("round")
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
+    _legend(axes, len(groups))
+    atomic_write_png(figure, path)
+
+
+def _plot_prediction(axes, group: Group, rounds: list[int], means: list[float], floor: float, colour) -> None:
+    """The decay the mixing matrix alone gives from the group's first plotted value, down to ``floor``
+    (none for exact averaging in one round, rho = 0)."""
+    gap = mean_std(r["topology"].get("spectral_gap") for r in group.runs)[0]
+    start = next((k for k, m in enumerate(means) if math.isfinite(m)), None)
+    if gap is None or start is None or gap >= 1.0:
+        return
+    rho, first = 1.0 - gap, rounds[start]
+    predicted = [(r, means[start] * rho ** (2 * (r - first))) for r in rounds[start:]]
+    predicted = [(r, v) for r, v in predicted if v >= floor]
+    axes.plot([r for r, _ in predicted], [v for _, v in predicted], linestyle="--", linewidth=1, color=colour)
+
+
+def _colours(count: int) -> list:
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10" if count <= 10 else "tab20"]
+    return [palette(k % palette.N) for k in range(count)]
+
+
+def _legend(axes, entries: int) -> None:
+    """Inside the axes for a few lines, beside them for many."""
+    if entries <= 6:
+        axes.legend(fontsize=7)
+    else:
+        axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+
+
+def plot_final_against(stats: list[dict], x_key: str, xlabel: str, path: Path) -> None:
+    """Final mean accuracy (error bars over seeds) against ``x_key``, one series per method, each point
+    named by its topology."""
+    figure, axes = _figure()
+    named: set[str] = set()
+    for method in dict.fromkeys(s["method"] for s in stats):
+        points = sorted((s for s in stats if s["method"] == method and s[x_key]["mean"] is not None
+                         and s["final_mean_accuracy"]["mean"] is not None), key=lambda s: s[x_key]["mean"])
+        if not points:
+            continue
+        xs = [s[x_key]["mean"] for s in points]
+        ys = [s["final_mean_accuracy"]["mean"] for s in points]
+        axes.errorbar(xs, ys, yerr=[s["final_mean_accuracy"]["std"] for s in points],
+                      xerr=[s[x_key]["std"] for s in points], marker="o", linestyle="none", capsize=3,
+                      label=method)
+        for x, y, s in zip(xs, ys, points):
+            if s["topology"] not in named:  # one name per point of the first series
+                axes.annotate(s["topology"], (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        named |= {s["topology"] for s in points}
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("final mean test accuracy (mean +/- std over seeds)")
+    axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     atomic_write_png(figure, path)
 
 
 def write_report(run_dirs: list[str], out: str | os.PathLike) -> Path:
-    """Write summary.md and its plots (accuracy, consensus distance, alignment diagnostics) into ``out``."""
-    runs = [load_run(d) for d in run_dirs]
-    if len({run["name"] for run in runs}) < len(runs):  # e.g. a/seed0 and b/seed0: name them by path
-        for run, run_dir in zip(runs, run_dirs):
-            run["name"] = str(run_dir).rstrip("/")
+    """Write summary.md, summary.json and the plots into ``out``; returns the path of summary.md."""
+    groups = group_runs([load_run(d) for d in run_dirs])
+    stats = [group_stats(g) for g in groups]
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    plot_runs(runs, "mean_accuracy", "mean test accuracy over peers", folder / "accuracy.png")
-    plot_runs(runs, "consensus_distance", "consensus distance", folder / "consensus.png", log=True)
-    plots = ["accuracy", "consensus"]
+    plot_per_round(groups, "mean_accuracy", "mean test accuracy over peers", folder / "accuracy.png")
+    consensus_key = "consensus_distance_rel" if any(
+        m.get("consensus_distance_rel") is not None for g in groups for r in g.runs for m in r["metrics"]) \
+        else "consensus_distance"
+    plot_per_round(groups, consensus_key, consensus_key.replace("_", " "), folder / "consensus.png", log=True,
+                   prediction=True)
+    plot_final_against(stats, "spectral_gap", "spectral gap 1 - rho of the mixing matrix",
+                       folder / "accuracy_vs_gap.png")
+    plot_final_against(stats, "mb_sent", "MB sent in the run (all peers)", folder / "accuracy_vs_bytes.png")
+    plots = ["accuracy", "consensus", "accuracy_vs_gap", "accuracy_vs_bytes"]
     for key, label in ALIGNMENT_PLOTS.items():
-        if any(m.get(key) is not None for run in runs for m in run["metrics"]):
-            plot_runs(runs, key, label, folder / f"{key}.png")
+        if any(m.get(key) is not None for g in groups for r in g.runs for m in r["metrics"]):
+            plot_per_round(groups, key, label, folder / f"{key}.png")
             plots.append(key)
-    text = "# p2p_fedrot report\n\n" + summary_table(runs) + "\n"
+    seeds = sorted({len(g.runs) for g in groups})
+    notes = ("Plots: a band or error bar is +/- one std over seeds; the consensus plot leaves out runs at exact "
+             "consensus (relative distance <= 1e-15), and its dashed lines are how fast mixing alone would shrink "
+             "the first plotted value (rho^(2t), rho = 1 - spectral gap).\n\n")
+    text = ("# p2p_fedrot report\n\n"
+            f"{len(groups)} group(s) of runs that differ only in their seed; mean +/- sample std over the "
+            f"n seeds of each ({', '.join(map(str, seeds))}). Final values are those of the last evaluated "
+            "round.\n\n" + summary_table(stats) + "\n" + notes)
     text += "\n\n".join(f"![{name.replace('_', ' ')}]({name}.png)" for name in plots) + "\n"
+    atomic_write_json(folder / "summary.json", {"groups": stats})
     atomic_write_text(folder / "summary.md", text)
     return folder / "summary.md"

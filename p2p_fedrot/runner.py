@@ -33,7 +33,7 @@ from .outputs import StartPlan
 from .records import RoundClock, print_progress, round_float, round_record
 from .runtime import Runtime, agree, init_runtime, launch_id, plain_process_name
 from .schedule import MixingSchedule
-from .topology import build_topology
+from .topology import build_topology, edge_pairs
 from .training import peers_per_forward
 from .transport import Placement, Transport
 
@@ -112,7 +112,7 @@ class Experiment:
         """What each process built from the shared config, which must come out the same everywhere:
         the factor layout, the graph of round 0 and every client's share of the data."""
         layout = [(s.name, s.shape) for s in self.layout.specs]
-        edges = sorted(sorted((int(u), int(v))) for u, v in self.topology.graph_at(0).edges())
+        edges = edge_pairs(self.topology.graph_at(0))
         shares = [(len(self.data.clients[c].train), len(self.data.clients[c].local_test)) for c in self.clients]
         return {"factor layout": f"{self.layout.numel} values, {digest(layout)}",
                 "graph of round 0": f"{len(edges)} edges, {digest(edges)}",

@@ -14,7 +14,7 @@ from scipy import sparse
 
 from .mixing import DENSE_SPECTRAL_LIMIT, compose, mixing_matrix, row_indices, server_mixing_steps, spectral_gap
 from .participation import present_peers, restrict
-from .topology import Topology, topology_stats
+from .topology import Topology, edge_pairs, topology_stats
 
 SCHEDULE_WINDOW = 64  # rounds averaged to plan with a time-varying graph's spectral gap
 
@@ -70,7 +70,7 @@ class MixingSchedule:
             "static": topology.static,
             "params": topology.params,
             "mixing": "server (sample-weighted average)" if topology.server else self.scheme,
-            "edges": sorted([sorted((int(u), int(v))) for u, v in graph.edges()]),
+            "edges": edge_pairs(graph),
             **written_mixing(steps),
             "spectral_gap": stats["spectral_gap"],  # null when the eigensolver did not settle it
             "stats": stats,

@@ -24,6 +24,7 @@ from scipy import sparse
 from .errors import ConfigError
 from .io import atomic_write_png
 from .mixing import is_doubly_stochastic, second_eigenvalue_modulus
+from .seeding import derive_seed
 
 
 def _catalogue_folder() -> Path:
@@ -34,7 +35,7 @@ def _catalogue_folder() -> Path:
 
 
 CATALOGUE = _catalogue_folder()
-MAX_DRAWS = 100  # random graphs are redrawn with seed, seed+1, ... at most this often to get a connected one
+MAX_DRAWS = 100  # random graphs are redrawn (each draw its own derived seed) at most this often to get a connected one
 GRAPH_READERS: dict[str, Callable[[str], nx.Graph]] = {
     ".edges": nx.read_edgelist,
     ".txt": nx.read_edgelist,
@@ -139,9 +140,11 @@ def exponential(peers: int, seed: int) -> nx.Graph:
 
 
 def _first_connected(draw: Callable[[int], nx.Graph], seed: int) -> nx.Graph:
-    """Redraw with seed, seed+1, ... until connected; the last draw goes on to the connectivity check."""
+    """Redraw until connected, each draw from its own seed derived from (seed, attempt): with seed,
+    seed+1, ... consecutive run seeds would land on the same graph whenever the first draw is
+    disconnected. The last draw goes on to the connectivity check."""
     for attempt in range(MAX_DRAWS):
-        graph = draw(seed + attempt)
+        graph = draw(derive_seed(seed, "graph draw", attempt))
         if nx.is_connected(graph):
             break
     return graph
@@ -201,12 +204,18 @@ def random_matching(peers: int, seed: int, round: int) -> nx.Graph:
     return graph
 
 
-def one_peer_exponential(peers: int, seed: int, round: int) -> nx.Graph:
-    """Round t links i <-> i + 2^(t mod floor(log2 N)) mod N: one hop length per round, cycling."""
+def one_peer_exponential(peers: int, seed: int, round: int) -> nx.DiGraph:
+    """Directed: in round t peer i sends to i + 2^(t mod ceil(log2 N)) mod N (and so hears from one peer).
+
+    With W = (I + P) / 2 per round, log2 N consecutive rounds of a power-of-two N average exactly (their
+    product is the all-1/N matrix); for other N the hops still cycle through every 2^k < N, which mixes
+    fast but never exactly.
+    """
     if peers < 2:
         raise TopologyError(f"topology 'one_peer_exponential' needs at least 2 peers, got {peers}")
-    hop = 2 ** (round % (peers.bit_length() - 1))
-    graph = nx.empty_graph(peers)
+    hop = 2 ** (round % (peers - 1).bit_length())
+    graph = nx.DiGraph()
+    graph.add_nodes_from(range(peers))
     graph.add_edges_from((i, (i + hop) % peers) for i in range(peers))
     return graph
 
@@ -418,7 +427,7 @@ def _is_canonical(graph: nx.Graph, peers: int) -> bool:
     """A generator's fresh simple graph on the ints 0..peers-1 in order, which needs no relabelled copy
     (for millions of edges the copy costs as much as the generator)."""
     return (
-        type(graph) is nx.Graph
+        type(graph) in (nx.Graph, nx.DiGraph)  # a directed builder (one_peer_exponential) stays directed
         and graph.number_of_nodes() == peers
         and all(type(node) is int and node == rank for rank, node in enumerate(graph))
         and nx.number_of_selfloops(graph) == 0
@@ -505,8 +514,9 @@ def topology_stats(graph: nx.Graph, W: np.ndarray | sparse.sparray) -> dict:
             f"got {n} nodes and W of shape {np.shape(W)}"
         )
     edges = graph.number_of_edges()
-    degrees = [degree for _, degree in graph.degree()]
-    connected = nx.is_connected(graph)
+    directed = graph.is_directed()  # then a peer's degree is the number of peers it hears from
+    degrees = [degree for _, degree in (graph.in_degree() if directed else graph.degree())]
+    connected = nx.is_strongly_connected(graph) if directed else nx.is_connected(graph)
     skipped: dict[str, str] = {}
     diameter = None
     if connected and n * edges > DIAMETER_WORK_LIMIT:
@@ -523,6 +533,7 @@ def topology_stats(graph: nx.Graph, W: np.ndarray | sparse.sparray) -> dict:
     stats = {
         "nodes": n,
         "edges": edges,
+        "directed": directed,
         "connected": connected,
         "degree_min": int(min(degrees)),
         "degree_max": int(max(degrees)),
@@ -532,6 +543,13 @@ def topology_stats(graph: nx.Graph, W: np.ndarray | sparse.sparray) -> dict:
         "doubly_stochastic": is_doubly_stochastic(W),
     }
     return {**stats, "skipped": skipped} if skipped else stats
+
+
+def edge_pairs(graph: nx.Graph) -> list[list[int]]:
+    """The edges as sorted [u, v] pairs ([sender, receiver] for a directed graph), for records and digests."""
+    if graph.is_directed():
+        return sorted([int(u), int(v)] for u, v in graph.edges())
+    return sorted(sorted((int(u), int(v))) for u, v in graph.edges())
 
 
 def check_drawable(graph: nx.Graph) -> None:

@@ -344,7 +344,7 @@ def gpa_objective(factors: tuple[list[torch.Tensor], list[torch.Tensor]], weight
 
 
 def test_joint_fedrot_turns_a_rotated_copy_back_onto_its_reference() -> None:
-    method = fedrot(lam=1.0, side="joint")
+    method = fedrot(lam=1.0, side="joint", reference="consensus")
     layout = method.context.layout
     g = torch.Generator().manual_seed(4)
     reference = torch.randn(layout.numel, generator=g)
@@ -365,7 +365,7 @@ def test_round_zero_aligns_unless_the_fitted_reference_is_zero() -> None:
         b.zero_()
     trained = spun(layout, reference, g, noise=0.1)
     for side, rotates in (("B", False), ("alternate", False), ("A", True), ("joint", True)):
-        method = fedrot(lam=0.5, side=side)
+        method = fedrot(lam=0.5, side=side, reference="consensus")
         peer = PeerState(0, trained.clone(), reference)
         method.before_send(peer, 0)
         assert torch.equal(peer.flat, trained) != rotates, side
@@ -409,7 +409,11 @@ def test_fedrot_method_args_are_checked() -> None:
                       ({"iters": 1.5}, "iters"), ({"iters": True}, "iters"), ({"lam": 2}, "lam")):
         with pytest.raises(ConfigError, match=f"method_args.{key} = "):
             fedrot(**args)
-    assert fedrot().args == {"lam": 0.4, "side": "auto", "reference": "consensus", "iters": 2}
+    gossip = fedrot()
+    assert gossip.args == {"lam": "auto", "side": "auto", "reference": "auto", "iters": 2}
+    assert (gossip.reference, gossip.lam, gossip.side_at(0), gossip.needs_reference) == ("neighbours", 1.0, "joint", False)
+    server = make_method("fedrot", {}, MethodContext(small_layout(), lambda: 1.0, server=True))
+    assert (server.reference, server.lam, server.side_at(1), server.needs_reference) == ("consensus", 0.4, "A", True)
 
 
 def test_neighbours_fedrot_runs_on_a_ring_and_logs_its_rotations(tmp_path: Path) -> None:

@@ -51,24 +51,29 @@ def dense_products(flat: torch.Tensor) -> list[torch.Tensor]:
     return [s * (b.double() @ a.double()) for s, a, b in factors]
 
 
-def dense_consensus(flats: torch.Tensor) -> float:
+def dense_consensus(flats: torch.Tensor) -> tuple[float, float]:
+    """(distance, mean squared norm of the products) from dense d x d products."""
     products = [dense_products(flat) for flat in flats]
-    total = 0.0
+    total = norms = 0.0
     for m in range(len(LAYOUT.modules)):
         mean = sum(p[m] for p in products) / len(products)
         total += sum(float(((p[m] - mean) ** 2).sum()) for p in products)
-    return total / len(products)
+        norms += sum(float((p[m] ** 2).sum()) for p in products)
+    return total / len(products), norms / len(products)
 
 
 def test_consensus_distance_matches_the_dense_definition() -> None:
     for flats in (random_flats(PEERS), close_flats()):
-        expected = dense_consensus(flats)
-        assert abs(consensus_distance(LAYOUT, flats, PEERS, local_reduce) - expected) <= 1e-9 * expected
+        expected, scale = dense_consensus(flats)
+        distance, relative = consensus_distance(LAYOUT, flats, PEERS, local_reduce)
+        assert abs(distance - expected) <= 1e-9 * expected
+        assert relative == pytest.approx(expected / scale, rel=1e-9)
+    assert consensus_distance(LAYOUT, torch.zeros(3, LAYOUT.numel), 3, local_reduce) == (0.0, 0.0)
 
 
 def test_consensus_distance_of_identical_peers_is_zero() -> None:
     flats = random_flats(1).expand(5, -1)
-    assert consensus_distance(LAYOUT, flats, 5, local_reduce) < 1e-12
+    assert max(consensus_distance(LAYOUT, flats, 5, local_reduce)) < 1e-12
 
 
 def test_consensus_distance_has_the_same_bits_for_any_split_and_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,7 +159,7 @@ def test_aggregation_error_is_zero_when_the_products_are_averaged_exactly() -> N
     start, end = LAYOUT.segments["A"]
     sent[:, start:end] = sent[0, start:end]
     errors = aggregation_errors(LAYOUT, mixing_rows(sent, [0, 1, 2, 3]), dict(enumerate(W @ sent)))
-    assert dense_consensus(sent) > 1.0  # the peers' products do differ
+    assert dense_consensus(sent)[0] > 1.0  # the peers' products do differ
     assert all(absolute < 1e-9 and relative < 1e-9 for absolute, relative in errors.values())
 
 

@@ -16,6 +16,11 @@ an extra message. ``reference``:
   ``iters`` times; then the rotated pairs are averaged. With lam = 1 no iteration can raise
   sum_j w_j ||X_j R_j - mean||^2 (each step minimises it over the R_j, then over the mean).
 
+``reference: auto`` (the default) is ``consensus`` in server mode, which is then exactly FedRot-LoRA,
+and ``neighbours`` in gossip mode, where the alignment study (README) found it never worse than
+consensus and far better when the neighbours' factors are misaligned; ``lam: auto`` is the paper's
+0.4 for consensus and 1 (full rotation) for the receiver-side references.
+
 ``side`` is the fitted factor: A on odd rounds and B on even ones (``alternate``, the paper's), always A
 or always B, or both at once (``joint``: Procrustes of the stacked [A^T; B]). ``auto`` (the default) is
 alternate for ``consensus``, which keeps server mode exactly FedRot-LoRA, and joint for the
@@ -45,25 +50,30 @@ Inputs = list[tuple[float, torch.Tensor]]
 @register
 class FedRot(Method):
     name = "fedrot"
-    params = {"lam": 0.4, "side": "auto", "reference": "consensus", "iters": 2}
+    params = {"lam": "auto", "side": "auto", "reference": "auto", "iters": 2}
 
     def __init__(self, args: dict, context: MethodContext) -> None:
         super().__init__(args, context)
+        if self.args["reference"] not in ("auto", *REFERENCES):
+            raise ConfigError(f"method_args.reference = {self.args['reference']!r} must be auto or one of "
+                              f"{', '.join(REFERENCES)}")
+        reference = self.args["reference"]
+        if reference == "auto":  # the paper's rule on a server; the neighbourhood's Procrustes in gossip
+            reference = "consensus" if context.server else "neighbours"
         lam, iters = self.args["lam"], self.args["iters"]
+        if lam == "auto":  # the paper's default for its own rule; full rotation at the receiver
+            lam = 0.4 if reference == "consensus" else 1.0
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
-            raise ConfigError(f"method_args.lam = {lam!r} must be a number in [0, 1] (0: no alignment, 1: full rotation)")
+            raise ConfigError(f"method_args.lam = {lam!r} must be auto or a number in [0, 1] (0: no alignment, "
+                              "1: full rotation)")
         if self.args["side"] not in SIDES:
             raise ConfigError(f"method_args.side = {self.args['side']!r} must be one of {', '.join(SIDES)}")
-        if self.args["reference"] not in REFERENCES:
-            raise ConfigError(
-                f"method_args.reference = {self.args['reference']!r} must be one of {', '.join(REFERENCES)}"
-            )
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
             raise ConfigError(f"method_args.iters = {iters!r} must be a positive integer "
                               "(generalized Procrustes iterations of reference: neighbours)")
         self.lam = float(lam)
         self.iters = iters
-        self.reference = self.args["reference"]
+        self.reference = reference
         self.needs_reference = self.reference == "consensus"
 
     def side_at(self, round: int) -> Side:
