@@ -15,6 +15,7 @@ import torch
 
 from .config import DataConfig
 from .errors import ConfigError
+from .records import announce
 from .seeding import derive_seed
 from .sources import load_text_corpus
 
@@ -101,6 +102,7 @@ def build_data(config: DataConfig, clients: Sequence[int], seed: int, tokenizer=
 
 def text_datasets(config: DataConfig, seed: int, tokenizer, max_length: int, causal_lm: bool) -> tuple[Dataset, Dataset, np.ndarray, int]:
     """Shuffle a corpus with the seed, hold out the shared test set, tokenise what is used."""
+    announce(f"set-up: reading {config.name}")
     corpus = load_text_corpus(config.name, config.text_column, config.label_column, config.split)
     order = np.random.default_rng(derive_seed(seed, "corpus")).permutation(len(corpus.texts))
     if len(order) <= config.test_samples:
@@ -122,6 +124,8 @@ def text_datasets(config: DataConfig, seed: int, tokenizer, max_length: int, cau
             targets = torch.as_tensor(labels[index])
         return Dataset(inputs, targets)
 
+    announce(f"set-up: tokenising {len(train_index)} training and {len(test_index)} test texts "
+             f"({max_length} tokens each)")
     return encode(train_index), encode(test_index), labels[train_index], len(corpus.class_names)
 
 

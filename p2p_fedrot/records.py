@@ -1,4 +1,4 @@
-"""What a round leaves behind: its phase timings, its metrics record and its progress line."""
+"""What a round leaves behind: its phase timings, its metrics record and its progress lines."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch.distributed as dist
+
+LONG_PHASE_S = 1.0  # a phase of a round that takes at least this long gets a progress line of its own
 
 
 @dataclass
@@ -54,6 +57,20 @@ def round_record(round: int, elapsed: float, per_peer: dict[int, tuple], metrics
 
 def round_float(x: float) -> float:
     return float(f"{x:.6g}") if math.isfinite(x) else x
+
+
+def announce(line: str) -> None:
+    """Print a progress line at once, on process 0 alone (or the only process): every process runs
+    the same set-up and rounds, so one of them tells."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(line, flush=True)
+
+
+def announce_phase(round: int, rounds: int, done: str, seconds: float) -> None:
+    """A line for a long phase of a round, e.g. "round 3/8: trained 4 peers in 12.1 s", so that a long
+    round shows where it is; short phases stay silent, short rounds print only their round line."""
+    if seconds >= LONG_PHASE_S:
+        announce(f"round {round + 1}/{rounds}: {done} in {seconds:.1f} s")
 
 
 def print_progress(round: int, rounds: int, elapsed: float, bytes_total: int, record: dict | None) -> None:

@@ -85,10 +85,18 @@ def _reason(error: BaseException) -> str:
 
 
 def _hf_load(path: str, **kwargs: Any) -> Any:
-    """Import `datasets` lazily: the packaged corpora must work without paying for its import."""
+    """Import `datasets` lazily: the packaged corpora must work without paying for its import.
+
+    Its progress bars are off meanwhile: the run announces its own steps."""
     import datasets
 
-    return datasets.load_dataset(path, **kwargs)
+    bars = not datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()
+    try:
+        return datasets.load_dataset(path, **kwargs)
+    finally:
+        if bars:
+            datasets.utils.enable_progress_bars()
 
 
 def _corpus_from_dataset(dataset: Any, name: str, text_column: str, label_column: str) -> TextCorpus:

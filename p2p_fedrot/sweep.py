@@ -101,16 +101,18 @@ def plan(config_file: str, grids: Sequence[tuple[str, list[Any]]], seeds: Sequen
         if key in keys:
             raise ConfigError(f"--grid {key}=... is not a grid key: the sweep sets it "
                               f"({'use --seeds' if key == 'seed' else 'use --out'})")
-    runs, folders = [], {}
+    cells: dict[str, list[tuple[str, Any]]] = {}
     for values in itertools.product(*(values for _, values in grids)):
         assignments = list(zip(keys, values))
         cell = cell_name(assignments)
-        if cell in folders and folders[cell] != assignments:
-            raise ConfigError(f"grid values {folders[cell]} and {assignments} give the same folder name {cell!r}; "
+        if cell in cells:
+            raise ConfigError(f"grid values {cells[cell]} and {assignments} give the same folder name {cell!r}; "
                               "give values that differ in letters or digits")
-        folders[cell] = assignments
-        grid_sets = [f"{key}={as_yaml(value)}" for key, value in assignments]
-        for seed in seeds:
+        cells[cell] = assignments
+    runs = []
+    for seed in seeds:  # seed by seed, so a sweep stopped early has covered every cell with its first seeds
+        for cell, assignments in cells.items():
+            grid_sets = [f"{key}={as_yaml(value)}" for key, value in assignments]
             folder = out / cell / f"seed{seed}"
             run_sets = (*overrides, *grid_sets, f"seed={seed}", f"out={folder}")
             try:

@@ -127,3 +127,15 @@ def test_report_mean_and_std_over_seeds_match_a_hand_computation(tmp_path: Path,
     assert f"{statistics.fmean(accuracies['fedrot']):.4f} +/- {statistics.stdev(accuracies['fedrot']):.4f}" in table
     for plot in ("accuracy", "accuracy_vs_gap", "accuracy_vs_bytes", "consensus", "aggregation_error_rel"):
         assert (tmp_path / "report" / f"{plot}.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.slow
+def test_a_sweep_launches_each_run_on_several_processes(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    done = subprocess.run([sys.executable, "-m", "p2p_fedrot", "sweep", TOY, "--grid", "method=fedit", "--seeds", "3",
+                           "--nproc", "2", "--out", str(out), *SMALL], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = json.loads((out / "method-fedit" / "seed3" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["threads"] == max(1, (os.cpu_count() or 1) // 2)  # cores / (1 x 2)
+    assert yaml.safe_load((out / "method-fedit" / "seed3" / "config.yaml").read_text())["seed"] == 3
