@@ -78,5 +78,5 @@ def print_progress(round: int, rounds: int, elapsed: float, bytes_total: int, re
     scores = "(not evaluated this round)"
     if record is not None:
         scores = (f"acc mean {record['mean_accuracy']:.3f} min {record['min_accuracy']:.3f} | "
-                  f"consensus {record['consensus_distance']:.2e}")
+                  f"consensus (rel) {record['consensus_distance_rel']:.2e}")
     print(f"round {round + 1:>3}/{rounds} | {scores} | {elapsed:.1f} s | {bytes_total / 1e6:.2f} MB sent", flush=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -171,6 +172,7 @@ def run_sweep(runs: Sequence[PlannedRun], config_file: str, out: Path, jobs: int
     (out / LOGS).mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     waiting, running, failed = list(todo), {}, []
+    signal.signal(signal.SIGTERM, _stop)  # a sweep told to stop takes its runs in flight with it
     try:
         while waiting or running:
             while waiting and len(running) < jobs:
@@ -194,6 +196,10 @@ def run_sweep(runs: Sequence[PlannedRun], config_file: str, out: Path, jobs: int
             process.wait()
             log.close()
     return failed
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(f"sweep: stopped by signal {signum}; the same command goes on where it was")
 
 
 def _outcome(run: PlannedRun, returncode: int, log: str) -> str:

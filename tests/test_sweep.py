@@ -139,3 +139,18 @@ def test_a_sweep_launches_each_run_on_several_processes(tmp_path: Path) -> None:
     summary = json.loads((out / "method-fedit" / "seed3" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["threads"] == max(1, (os.cpu_count() or 1) // 2)  # cores / (1 x 2)
     assert yaml.safe_load((out / "method-fedit" / "seed3" / "config.yaml").read_text())["seed"] == 3
+
+
+@pytest.mark.slow
+def test_a_sweep_told_to_stop_stops_its_runs(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    sweep = subprocess.Popen(sweep_command(out, "--set", "rounds=400"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*/seed*/metrics.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    sweep.terminate()
+    text, _ = sweep.communicate(timeout=60)
+    assert sweep.returncode != 0 and "stopped by signal" in text
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(out) not in ps  # no run left behind
