@@ -1,7 +1,7 @@
 """Where does aligning LoRA factors matter? A seeded grid on the toy task, reported as mean +/- std.
 
     python scripts/alignment_study.py                  # toy: 120 runs, about 2 minutes on 2 CPU cores
-    python scripts/alignment_study.py --model minilm   # MiniLM on BBC news: 18 runs, about 30 minutes
+    python scripts/alignment_study.py --model minilm   # MiniLM on BBC news: 18 runs, about an hour
     python scripts/alignment_study.py --seeds 0 1 2 --out runs/alignment_study
 
 Toy grid: LoRA init {shared, per_peer, rotated, warm-start (shared, 3 rounds of local training
