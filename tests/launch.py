@@ -19,6 +19,10 @@ from multiproc import free_port
 ROOT = Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "configs" / "toy.yaml")
 TIMING_KEYS = ("time_s", "seconds")  # the only fields of metrics.jsonl allowed to differ between runs
+# torchrun checks its workers every 0.1 s by default, and when one dies it stops the others at the next
+# check: it may stop a survivor before the survivor has seen its neighbour go and named it. Tests that
+# kill a worker give the survivors 2 s, as the README advises.
+SLOW_MONITOR = "--monitor-interval=2"
 
 
 def environment(hash_seed: int | str = "random") -> dict[str, str]:
@@ -59,7 +63,8 @@ def start_two_nodes(args: list[str] | list[list[str]], per_node: int, logs: list
     """The same command (or one per node) under two torchrun agents that meet at a c10d rendezvous
     on loopback, as two machines would; each agent starts ``per_node`` workers."""
     endpoint = f"127.0.0.1:{free_port()}"
-    launcher = ["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=p2p-test"]
+    launcher = ["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=p2p-test",
+                SLOW_MONITOR]
     per_agent = args if isinstance(args[0], list) else [args, args]
     return [start(per_agent[k], per_node, launcher, log=logs[k]) for k in range(2)]
 

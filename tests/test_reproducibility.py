@@ -69,10 +69,8 @@ def test_a_run_killed_twice_and_resumed_on_other_process_counts_ends_identical(r
 def test_torchrun_restarts_a_killed_worker_and_the_run_ends_identical(reference: Path, tmp_path: Path) -> None:
     out, log = tmp_path / "restarted", tmp_path / "torchrun.log"
     # overwrite applies to the launch, not to each restart: the new workers still go on from the checkpoint
-    # torchrun checks its workers every 0.1 s by default and may stop the survivor before the survivor
-    # has seen its neighbour go; a 2 s check lets the survivor's own one-line error come first
     agent = launch.start(toy_args(out, *CONTRACT, "overwrite=true"), nproc=2,
-                         torchrun=["--standalone", "--max-restarts=1", "--monitor-interval=2"], log=log)
+                         torchrun=["--standalone", "--max-restarts=1", launch.SLOW_MONITOR], log=log)
     launch.wait_for_round(agent, out, 45)
     workers = launch.workers_of(agent)
     assert len(workers) == 2, workers
