@@ -40,12 +40,10 @@ class HostedPeers:
         self.trainer = BankTrainer(bank, datasets, c.train, c.seed, c.model.precision, group, streams)
         rule = c.train.optimizer_state
         self.reset_optimizer = rule == "reset" or (rule == "method" and method.resets_optimizer)
-        self.round = 0  # the round in progress (set by train), which evaluate's progress line names
 
     def train(self, round: int, present: np.ndarray, clock: RoundClock) -> None:
         """Local steps, then the method's pre-send hook, on every hosted client present this round."""
         method = self.method
-        self.round = round
         method.rotations.clear()  # the round's diagnostics count only this round's rotations
         training = [p for p in self.trainer.peers if present[p] or method.pooled_data]
         if method.needs_reference:
@@ -66,14 +64,14 @@ class HostedPeers:
                 self.states[other].flat.copy_(self.states[training[0]].flat)
         announce_phase(round, self.config.rounds, f"process 0 trained {_peers(len(training))}", clock.seconds["train"])
 
-    def evaluate(self) -> dict[int, tuple[float, float, float, float]]:
+    def evaluate(self, round: int) -> dict[int, tuple[float, float, float, float]]:
         """(accuracy, loss) on the shared test set and on its own test split, per hosted client."""
         since = time.perf_counter()
         batch, precision = self.config.eval.batch_size, self.config.model.precision
         shared = evaluate(self.bank, {p: self.data.test for p in self.clients}, batch, precision, self.group)
         own = evaluate(self.bank, {p: self.data.clients[p].local_test for p in self.clients}, batch, precision,
                        self.group)
-        announce_phase(self.round, self.config.rounds, f"process 0 evaluated {_peers(len(self.clients))}",
+        announce_phase(round, self.config.rounds, f"process 0 evaluated {_peers(len(self.clients))}",
                        time.perf_counter() - since)
         return {p: _pair(shared[p]) + _pair(own[p]) for p in self.clients}
 

@@ -89,12 +89,13 @@ def consensus_distance(layout: FactorLayout, flats: torch.Tensor, total: int, re
         blocks = [slice(lo, lo + chunk) for lo in range(0, k, chunk)]
         summed = FixedPointSum(peak, total, shape, device)
         for block in blocks:
-            summed.add(_products(a[block], b[block], scaling))
+            products = _products(a[block], b[block], scaling)
+            summed.add(products)
+            norms[block] += _pairwise_sum_(products.square_().flatten(1))  # in place: the sum has its copy
         mean = summed.total(reduce) / total
         for block in blocks:
-            products = _products(a[block], b[block], scaling)
-            norms[block] += _pairwise_sum_(products.square().flatten(1))
-            distances[block] += _pairwise_sum_(products.sub_(mean).square_().flatten(1))
+            gap = _products(a[block], b[block], scaling).sub_(mean)
+            distances[block] += _pairwise_sum_(gap.square_().flatten(1))
     distance = float(exact_sum(distances, reduce, total)) / total
     scale = float(exact_sum(norms, reduce, total)) / total
     return distance, distance / scale if scale > 0 else 0.0

@@ -271,6 +271,11 @@ def plot_final_against(stats: list[dict], x_key: str, xlabel: str, path: Path) -
     atomic_write_png(figure, path)
 
 
+def _recorded(groups: list[Group], key: str) -> bool:
+    """Whether some run recorded ``key`` in some round (older runs lack newer metrics)."""
+    return any(m.get(key) is not None for g in groups for r in g.runs for m in r["metrics"])
+
+
 def write_report(run_dirs: list[str], out: str | os.PathLike) -> Path:
     """Write summary.md, summary.json and the plots into ``out``; returns the path of summary.md."""
     groups = group_runs([load_run(d) for d in run_dirs])
@@ -278,9 +283,7 @@ def write_report(run_dirs: list[str], out: str | os.PathLike) -> Path:
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     plot_per_round(groups, "mean_accuracy", "mean test accuracy over peers", folder / "accuracy.png")
-    consensus_key = "consensus_distance_rel" if any(
-        m.get("consensus_distance_rel") is not None for g in groups for r in g.runs for m in r["metrics"]) \
-        else "consensus_distance"
+    consensus_key = "consensus_distance_rel" if _recorded(groups, "consensus_distance_rel") else "consensus_distance"
     plot_per_round(groups, consensus_key, consensus_key.replace("_", " "), folder / "consensus.png", log=True,
                    prediction=True)
     plot_final_against(stats, "spectral_gap", "spectral gap 1 - rho of the mixing matrix",
@@ -288,7 +291,7 @@ def write_report(run_dirs: list[str], out: str | os.PathLike) -> Path:
     plot_final_against(stats, "mb_sent", "MB sent in the run (all peers)", folder / "accuracy_vs_bytes.png")
     plots = ["accuracy", "consensus", "accuracy_vs_gap", "accuracy_vs_bytes"]
     for key, label in ALIGNMENT_PLOTS.items():
-        if any(m.get(key) is not None for g in groups for r in g.runs for m in r["metrics"]):
+        if _recorded(groups, key):
             plot_per_round(groups, key, label, folder / f"{key}.png")
             plots.append(key)
     seeds = sorted({len(g.runs) for g in groups})

@@ -174,7 +174,7 @@ class Experiment:
         """Every hosted client's scores; the metrics summed exactly over processes; the round's record
         on process 0 (an empty dict elsewhere)."""
         since = time.perf_counter()
-        results = self.group.gather_objects((self.hosted.evaluate(), self.dropped), "gathering evaluation results")
+        results = self.group.gather_objects((self.hosted.evaluate(round), self.dropped), "gathering evaluation results")
         self.dropped = []
         metrics = round_metrics(self.layout, self.hosted.client_rows(), len(self.clients), mixed,
                                 self.method.rotations, self.group.reduce)

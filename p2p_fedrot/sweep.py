@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from .config import RunConfig, dotted, load_config
+from .checkpoint import describe_differences
+from .config import RunConfig, load_config
 from .errors import ConfigError
 from .io import read_json
 from .methods import available_methods
@@ -28,7 +29,6 @@ from .topology import build_topology
 from .outputs import CONFIG, SUMMARY
 
 LOGS = "logs"  # OUT/logs/<cell>_seed<k>.log: each run's own output
-IGNORED_WHEN_SKIPPING = ("out", "threads", "comm.timeout_s", "resume", "overwrite")  # do not change results
 
 
 @dataclass(frozen=True)
@@ -133,15 +133,14 @@ def check_buildable(config: RunConfig) -> None:
 
 
 def is_finished(run: PlannedRun) -> bool:
-    """True when the run's folder holds a finished run of the same settings (thread count and the
-    like aside): its summary is written last, so a run cut off mid-way has none."""
+    """True when the run's folder holds this run finished: the same run by the rule a resume uses
+    (checkpoint.describe_differences) and all its rounds; the summary is written last, so a run cut
+    off mid-way has none."""
     summary, config = run.folder / SUMMARY, run.folder / CONFIG
     if not (summary.is_file() and config.is_file()):
         return False
-    found = dotted(yaml.safe_load(config.read_text()) or {})
-    wanted = dotted(run.config.to_dict())
-    same = all(found.get(k) == v for k, v in wanted.items() if k not in IGNORED_WHEN_SKIPPING)
-    return same and read_json(summary).get("rounds") == run.config.rounds
+    same_run = not describe_differences(yaml.safe_load(config.read_text()) or {}, run.config.to_dict())
+    return same_run and read_json(summary).get("rounds") == run.config.rounds
 
 
 def command(run: PlannedRun, config_file: str, nproc: int, threads: int | None) -> list[str]:
