@@ -2,7 +2,9 @@
 
 Each adapter is a folder with peft's adapter_config.json and adapter_model.safetensors holding the
 factors and head under the names peft gives them. The bank writes them directly from its rows,
-so a thousand adapters take seconds.
+so a thousand adapters take seconds. A method that trains dense deltas (fedgalore) adds
+dense_deltas.safetensors: dW per adapted weight, named as the base model's weight it adds to
+(:func:`add_dense_deltas` applies them).
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from .bank import PeerBank
 from .factors import FactorLayout
 
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+CONFIG_FILE, WEIGHTS_FILE, DELTAS_FILE = "adapter_config.json", "adapter_model.safetensors", "dense_deltas.safetensors"
 CONSENSUS = "consensus"
 
 
@@ -32,14 +34,19 @@ def save_adapter(layout: FactorLayout, config_text: str, flat: torch.Tensor, tar
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         flat = flat.detach().cpu()
-        tensors = {spec.name: spec.view(flat).clone() for spec in layout.specs}
+        tensors = {spec.name: spec.view(flat).clone() for spec in layout.a + layout.b + layout.head}
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+        files = [WEIGHTS_FILE, CONFIG_FILE]
+        if layout.delta:
+            save_file({spec.name: spec.view(flat).clone() for spec in layout.delta}, staging / DELTAS_FILE,
+                      metadata={"format": "pt"})
+            files.append(DELTAS_FILE)
         (staging / CONFIG_FILE).write_text(config_text)
         if target.exists():  # move the old one aside first: a crash now leaves it in the staging folder
             os.replace(target, staging / "previous")
         final = staging / "adapter"
         final.mkdir()
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
+        for name in files:
             os.replace(staging / name, final / name)
         os.replace(final, target)
     finally:
@@ -56,3 +63,18 @@ def save_consensus_adapter(bank: PeerBank, mean: torch.Tensor, folder: Path) -> 
     """The average of the peers' buffers (factors and head), saved as one more adapter."""
     save_adapter(bank.layout, bank.adapter_config, mean, folder / CONSENSUS)
 
+
+
+@torch.no_grad()
+def add_dense_deltas(model: torch.nn.Module, folder: Path) -> None:
+    """Add an adapter folder's dense deltas (if it has any) to the base model's weights in place,
+    the base model being the one the run adapted (before or after peft wraps it)."""
+    path = Path(folder) / DELTAS_FILE
+    if not path.exists():
+        return
+    weights = {name.removeprefix("base_model.model."): p for name, p in model.named_parameters()}
+    weights.update({name.replace(".base_layer.", "."): p for name, p in weights.items() if ".base_layer." in name})
+    for name, delta in load_file(path).items():
+        if name not in weights:
+            raise ValueError(f"{path} holds a delta for {name}, which the model has no weight for")
+        weights[name].add_(delta.to(weights[name]))

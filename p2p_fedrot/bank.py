@@ -51,15 +51,20 @@ class BankRun:
 
 
 class LoRABankLinear(nn.Module):
-    """A frozen layer plus each row's LoRA path: base(x) + s * B_i A_i dropout(x) for the rows' examples."""
+    """A frozen layer plus each row's LoRA path: base(x) + s * B_i A_i dropout(x) for the rows' examples,
+    and, when the layout has dense deltas, + dW_i x (the base weight's own update, no dropout)."""
 
-    def __init__(self, base: nn.Module, a: int, b: int, scaling: float, dropout: nn.Module, run: BankRun) -> None:
+    def __init__(self, base: nn.Module, a: int, b: int, scaling: float, dropout: nn.Module, run: BankRun,
+                 delta: int | None = None) -> None:
         super().__init__()
         self.base, self.a, self.b, self.scaling, self.dropout, self.run = base, a, b, scaling, dropout, run
+        self.delta = delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
         A, B = self.run.tensors[self.a], self.run.tensors[self.b]
+        if self.delta is not None:
+            result = result + _per_row_linear(x.to(A.dtype), self.run.tensors[self.delta], self.run)
         x = self.dropout(x.to(A.dtype))
         if A.shape[0] == 1:  # one peer: exactly peft's computation
             return result + F.linear(F.linear(x, A[0]), B[0]) * self.scaling
@@ -72,6 +77,19 @@ class LoRABankLinear(nn.Module):
         return result + delta * self.scaling
 
 
+def _per_row_linear(x: torch.Tensor, W: torch.Tensor, run: BankRun, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x W_i^T (+ b_i) for each row's share of the batch (W: rows x out x in)."""
+    if W.shape[0] == 1:
+        return F.linear(x, W[0], None if b is None else b[0])
+    pieces = run.split(x)
+    if isinstance(pieces, torch.Tensor):
+        out = torch.bmm(pieces.flatten(1, -2), W.transpose(1, 2))
+        if b is not None:
+            out = out + b.unsqueeze(1)
+        return out.reshape(*x.shape[:-1], -1)
+    return torch.cat([F.linear(p, W[i], None if b is None else b[i]) for i, p in enumerate(pieces)])
+
+
 class HeadBankLinear(nn.Module):
     """A trainable linear layer (classification head) whose weight and bias are the rows' own."""
 
@@ -80,18 +98,8 @@ class HeadBankLinear(nn.Module):
         self.weight, self.bias, self.run = weight, bias, run
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        W = self.run.tensors[self.weight]
         b = self.run.tensors[self.bias] if self.bias is not None else None
-        if W.shape[0] == 1:
-            return F.linear(x, W[0], None if b is None else b[0])
-        pieces = self.run.split(x)
-        if isinstance(pieces, torch.Tensor):
-            flat = pieces.flatten(1, -2)
-            out = torch.bmm(flat, W.transpose(1, 2))
-            if b is not None:
-                out = out + b.unsqueeze(1)
-            return out.reshape(*x.shape[:-1], -1)
-        return torch.cat([F.linear(p, W[i], None if b is None else b[i]) for i, p in enumerate(pieces)])
+        return _per_row_linear(x, self.run.tensors[self.weight], self.run, b)
 
 
 class PeerStreams(TorchFunctionMode):
@@ -191,9 +199,11 @@ class PeerBank:
             self.run.tensors, self.run.sizes = [], []
 
 
-def bank_model(peft_model: PeftModel, peers: Sequence[int], task: str, device: torch.device) -> PeerBank:
+def bank_model(peft_model: PeftModel, peers: Sequence[int], task: str, device: torch.device,
+               dense_deltas: bool = False) -> PeerBank:
     """Turn a peft model with one adapter into a bank: its LoRA layers and saved heads are replaced by
-    bank layers, and every peer's row starts from that adapter's initial values."""
+    bank layers, and every peer's row starts from that adapter's initial values. With
+    ``dense_deltas`` each adapted layer also reads a full-shape delta of its weight (starting at 0)."""
     state = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER)
     model = peft_model.base_model.model
     lora_layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
@@ -202,20 +212,22 @@ def bank_model(peft_model: PeftModel, peers: Sequence[int], task: str, device: t
         raise ConfigError(f"model.lora.target_modules adapts {unsupported[0]} ({type(lora_layers[unsupported[0]].get_base_layer()).__name__}); "
                           "the peer bank adapts linear layers only: choose linear layers as targets")
     scalings = {name: float(m.scaling[ADAPTER]) for name, m in lora_layers.items()}
-    layout = layout_of_state(state, scalings, PEFT_PREFIX)
+    dense = {name: tuple(m.get_base_layer().weight.shape) for name, m in lora_layers.items()} if dense_deltas else None
+    layout = layout_of_state(state, scalings, PEFT_PREFIX, dense)
     run = BankRun()
     index = {spec.name: i for i, spec in enumerate(layout.specs)}
     for name, layer in lora_layers.items():
         key = PEFT_PREFIX + name
         dropout = layer.lora_dropout[ADAPTER]
         bank_layer = LoRABankLinear(layer.get_base_layer(), index[f"{key}.lora_A.weight"], index[f"{key}.lora_B.weight"],
-                                    scalings[name], copy.deepcopy(dropout), run)
+                                    scalings[name], copy.deepcopy(dropout), run, index.get(f"{name}.weight"))
         _replace(model, name, bank_layer)
     for name, wrapper in [(n, m) for n, m in model.named_modules() if hasattr(m, "modules_to_save")]:
         _replace(model, name, _bank_head(name, wrapper.modules_to_save[ADAPTER], index, run))
     model.requires_grad_(False)
     config_json = adapter_config_text(peft_model.peft_config[ADAPTER])
-    init = torch.cat([state[spec.name].detach().reshape(-1).float() for spec in layout.specs])
+    init = torch.cat([state[spec.name].detach().reshape(-1).float() for spec in layout.specs if spec.name in state]
+                     + [torch.zeros(spec.numel) for spec in layout.delta])
     # Each row starts on a 64-byte boundary: some CPU kernels round differently for operands at
     # other alignments, and a peer's row index (hence its offset) changes with the process count.
     stride = -(-layout.numel // ROW_ALIGNMENT) * ROW_ALIGNMENT

@@ -1,7 +1,8 @@
 """LoRA factors of one peer <-> one flat contiguous buffer.
 
 Each peer's adapter parameters are rebound as views of a single 1-D tensor laid out as
-``[A of every module | B of every module | trainable head]``. Training updates the buffer in place,
+``[A of every module | B of every module | trainable head | dense deltas]``; the dense deltas (one
+full-shape dW per adapted module) exist only for methods that train them (FedGaLore). Training updates the buffer in place,
 so sending, mixing and aligning need no gather/scatter copies, and a received buffer from another
 peer can be read with the same layout.
 """
@@ -13,7 +14,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-PARTS = ("A", "B", "head")
+PARTS = ("A", "B", "head", "delta")  # buffer order
 
 
 @dataclass(frozen=True)
@@ -44,17 +45,27 @@ class FactorLayout:
     head: tuple[TensorSpec, ...]
     segments: dict[str, tuple[int, int]]  # part -> [start, end) in the buffer
     numel: int
+    delta: tuple[TensorSpec, ...] = ()  # dense dW per module (named as the base weight), after the head
 
     @property
     def specs(self) -> tuple[TensorSpec, ...]:
         """Every tensor in buffer order."""
-        return self.a + self.b + self.head
+        return self.a + self.b + self.head + self.delta
+
+    @property
+    def optimizer_numel(self) -> int:
+        """Length of the buffer's prefix that elementwise optimizers step (all but the dense deltas,
+        which have their own projected optimizer)."""
+        return self.segments["delta"][0]
 
     def a_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [spec.view(flat) for spec in self.a]
 
     def b_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [spec.view(flat) for spec in self.b]
+
+    def delta_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [spec.view(flat) for spec in self.delta]
 
     def ranges(self, parts: Iterable[str]) -> list[tuple[int, int]]:
         """Buffer ranges of the given parts, adjacent ranges merged, in buffer order."""
@@ -91,10 +102,12 @@ class FactorLayout:
             cursor += end - start
 
 
-def layout_of_state(state: Mapping[str, torch.Tensor], scalings: Mapping[str, float], prefix: str) -> FactorLayout:
+def layout_of_state(state: Mapping[str, torch.Tensor], scalings: Mapping[str, float], prefix: str,
+                    dense_shapes: Mapping[str, tuple[int, int]] | None = None) -> FactorLayout:
     """The flat layout of one adapter from its peft state dict (names as peft saves them, in model
     order): every A, then every B, then the trained head. ``scalings`` maps the adapted modules'
-    names (without ``prefix``) to peft's alpha / r."""
+    names (without ``prefix``) to peft's alpha / r. With ``dense_shapes`` (module -> base weight
+    shape) a dense delta per module follows, named ``<module>.weight`` as the base weight it adds to."""
     parts: dict[str, list[tuple[str, torch.Tensor]]] = {part: [] for part in PARTS}
     for name, tensor in state.items():
         part = "A" if ".lora_A." in name else "B" if ".lora_B." in name else "head"
@@ -102,6 +115,8 @@ def layout_of_state(state: Mapping[str, torch.Tensor], scalings: Mapping[str, fl
     if not parts["A"]:
         raise ValueError("the adapter has no LoRA factors")
     modules = tuple(name[len(prefix):].split(".lora_A.")[0] for name, _ in parts["A"])
+    if dense_shapes is not None:
+        parts["delta"] = [(f"{m}.weight", torch.empty(dense_shapes[m], device="meta")) for m in modules]
     offset = 0
     segments: dict[str, tuple[int, int]] = {}
     specs: dict[str, tuple[TensorSpec, ...]] = {}
@@ -114,4 +129,4 @@ def layout_of_state(state: Mapping[str, torch.Tensor], scalings: Mapping[str, fl
         segments[part] = (start, offset)
         specs[part] = tuple(part_specs)
     return FactorLayout(modules, tuple(scalings[m] for m in modules), specs["A"], specs["B"], specs["head"],
-                        segments, offset)
+                        segments, offset, specs["delta"])

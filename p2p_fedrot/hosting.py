@@ -37,7 +37,9 @@ class HostedPeers:
             datasets, streams = {self.clients[0]: everything}, {self.clients[0]: POOLED_STREAM}
         else:
             datasets, streams = {p: data.clients[p].train for p in self.clients}, None
-        self.trainer = BankTrainer(bank, datasets, c.train, c.seed, c.model.precision, group, streams)
+        self.trainer = BankTrainer(bank, datasets, c.train, c.seed, c.model.precision, group, streams, method.galore)
+        for p in self.trainer.peers:
+            self.states[p].moments = self.trainer.second_moments(p)
         rule = c.train.optimizer_state
         self.reset_optimizer = rule == "reset" or (rule == "method" and method.resets_optimizer)
 
@@ -88,6 +90,10 @@ class HostedPeers:
         for peer in self.trainer.peers:
             source = first_client if self.method.pooled_data else peer
             self.trainer.load_optimizer_state(peer, found.peer(source), str(checkpoint.peer_file(found.folder, source)))
+
+    def peer_state_bytes(self) -> int:
+        """What one training peer keeps beside the shared base model: its buffer and its optimizer state."""
+        return self.bank.layout.numel * self.bank.flats.element_size() + self.trainer.optimizers.state_bytes()
 
     def save_adapters(self, folder: Path) -> None:
         save_peer_adapters(self.bank, self.clients, folder)

@@ -1,4 +1,5 @@
-"""Disagreement metrics on LoRA products P_m = s_m B_m A_m, computed by the processes hosting the peers.
+"""Disagreement metrics on LoRA products P_m = s_m B_m A_m (plus the dense delta of module m, for
+methods that train one), computed by the processes hosting the peers.
 
 No process ever holds every peer's factors or an N x N matrix:
 
@@ -66,6 +67,19 @@ def _product_bound(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Te
     return abs(scaling) * _pairwise_sum_(a_max * b_max).amax()
 
 
+def _updates(a: torch.Tensor, b: torch.Tensor, scaling: float, delta: torch.Tensor | None) -> torch.Tensor:
+    """Each peer's whole weight update of one module, s B A (+ its dense delta), float64 and elementwise."""
+    out = _products(a, b, scaling)
+    return out if delta is None else out.add_(delta.double())
+
+
+def _update_bound(a: torch.Tensor, b: torch.Tensor, scaling: float, delta: torch.Tensor | None) -> torch.Tensor:
+    bound = _product_bound(a, b, scaling)
+    if delta is None or delta.shape[0] == 0:
+        return bound
+    return bound + delta.abs().amax().double()
+
+
 def consensus_distance(layout: FactorLayout, flats: torch.Tensor, total: int, reduce: Reduce) -> tuple[float, float]:
     """(D, D / S): D = (1/N) sum_i sum_m ||P_i,m - mean_k P_k,m||_F^2 over all N = ``total`` peers of every
     process, and S = (1/N) sum_i sum_m ||P_i,m||_F^2, the peers' mean squared product norm, which gives
@@ -79,22 +93,23 @@ def consensus_distance(layout: FactorLayout, flats: torch.Tensor, total: int, re
     about 2^-(62 - log2 N - log2 r) of the largest product entry (see :mod:`.reduction`).
     """
     k, device = flats.shape[0], flats.device
-    modules = [(_hosted(flats, a), _hosted(flats, b), s) for a, b, s in zip(layout.a, layout.b, layout.scalings)]
-    local = torch.stack([_product_bound(a, b, s) for a, b, s in modules])
+    deltas = [_hosted(flats, d) for d in layout.delta] or [None] * len(layout.a)
+    modules = [(_hosted(flats, a), _hosted(flats, b), s, d) for a, b, s, d in zip(layout.a, layout.b, layout.scalings, deltas)]
+    local = torch.stack([_update_bound(a, b, s, d) for a, b, s, d in modules])
     distances = torch.zeros(k, dtype=torch.float64, device=device)
     norms = torch.zeros(k, dtype=torch.float64, device=device)
-    for (a, b, scaling), peak in zip(modules, global_peaks(local, reduce)):
+    for (a, b, scaling, delta), peak in zip(modules, global_peaks(local, reduce)):
         shape = (b.shape[1], a.shape[2])
         chunk = max(1, CHUNK_BYTES // (8 * shape[0] * shape[1]))
         blocks = [slice(lo, lo + chunk) for lo in range(0, k, chunk)]
         summed = FixedPointSum(peak, total, shape, device)
         for block in blocks:
-            products = _products(a[block], b[block], scaling)
+            products = _updates(a[block], b[block], scaling, None if delta is None else delta[block])
             summed.add(products)
             norms[block] += _pairwise_sum_(products.square_().flatten(1))  # in place: the sum has its copy
         mean = summed.total(reduce) / total
         for block in blocks:
-            gap = _products(a[block], b[block], scaling).sub_(mean)
+            gap = _updates(a[block], b[block], scaling, None if delta is None else delta[block]).sub_(mean)
             distances[block] += _pairwise_sum_(gap.square_().flatten(1))
     distance = float(exact_sum(distances, reduce, total)) / total
     scale = float(exact_sum(norms, reduce, total)) / total
@@ -128,6 +143,20 @@ def _row_norms2(a_spec: TensorSpec, b_spec: TensorSpec, row: Sequence[tuple[floa
     return _pairwise_sum_(exact.square_().flatten()), _pairwise_sum_(error.square_().flatten())
 
 
+def _dense_row_norms2(layout: FactorLayout, m: int, row: Sequence[tuple[float, torch.Tensor]],
+                      after: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(||X||_F^2, ||X - U'||_F^2) of module m when the layout has dense deltas: X = sum_j w_j U_j with
+    U = s B A + dW, formed densely (the deltas are dense already)."""
+    a, b, d, scaling = layout.a[m], layout.b[m], layout.delta[m], layout.scalings[m]
+
+    def update(flat: torch.Tensor) -> torch.Tensor:
+        return scaling * (b.view(flat).double() @ a.view(flat).double()) + d.view(flat).double()
+
+    exact = sum(weight * update(flat) for weight, flat in row)
+    error = exact - update(after)
+    return _pairwise_sum_(exact.square().flatten()), _pairwise_sum_(error.square_().flatten())
+
+
 def aggregation_errors(layout: FactorLayout, rows: Mapping[int, Sequence[tuple[float, torch.Tensor]]],
                        mixed: Mapping[int, torch.Tensor]) -> dict[int, tuple[float, float]]:
     """Per mixing peer i, (||sum_j w_ij P_j - P'_i||_F, that / ||sum_j w_ij P_j||_F, 0 when that is 0).
@@ -140,10 +169,15 @@ def aggregation_errors(layout: FactorLayout, rows: Mapping[int, Sequence[tuple[f
     errors = {}
     for i, row in rows.items():
         exact2 = error2 = 0.0
-        for a_spec, b_spec, scaling in zip(layout.a, layout.b, layout.scalings):
-            x2, e2 = _row_norms2(a_spec, b_spec, row, mixed[i])
-            exact2 += scaling**2 * float(x2)
-            error2 += scaling**2 * float(e2)
+        if layout.delta:
+            for m in range(len(layout.modules)):
+                x2, e2 = _dense_row_norms2(layout, m, row, mixed[i])
+                exact2, error2 = exact2 + float(x2), error2 + float(e2)
+        else:
+            for a_spec, b_spec, scaling in zip(layout.a, layout.b, layout.scalings):
+                x2, e2 = _row_norms2(a_spec, b_spec, row, mixed[i])
+                exact2 += scaling**2 * float(x2)
+                error2 += scaling**2 * float(e2)
         absolute, norm = math.sqrt(error2), math.sqrt(exact2)
         errors[i] = (absolute, absolute / norm if norm > 0 else 0.0)
     return errors

@@ -207,11 +207,12 @@ def _linear_names(model: nn.Module) -> list[str]:
 
 
 def build_bank(config: ModelConfig, peers: list[int], input_dim: int, num_classes: int, seed: int,
-               device: torch.device) -> PeerBank:
+               device: torch.device, dense_deltas: bool = False) -> PeerBank:
     """Build the base model once and a bank row for every hosted peer, all with the SAME initial factors.
 
     The base weights, the new head and the shared LoRA init come from ``seed``, so every process
-    (and every peer) starts from identical values, as the methods assume.
+    (and every peer) starts from identical values, as the methods assume. ``dense_deltas``: the rows
+    also hold a full-shape delta of every adapted weight (for methods that train those).
     """
     task = task_of(config)
     if task not in (CLASSIFICATION, CAUSAL_LM):
@@ -234,7 +235,7 @@ def build_bank(config: ModelConfig, peers: list[int], input_dim: int, num_classe
             f"model.lora.r={config.lora.r} exceeds the smallest adapted layer width ({smallest}); "
             f"choose a rank <= {smallest}"
         )
-    bank = bank_model(model, peers, task, device)
+    bank = bank_model(model, peers, task, device, dense_deltas)
     initialise_factors(bank, config.lora.init, seed)
     return bank
 

@@ -14,24 +14,32 @@ from typing import Sequence
 
 import torch
 
+from . import galore
 from .config import TrainConfig
 from .errors import ConfigError
 from .factors import PARTS, FactorLayout
+from .galore import GaLoreSettings
 
 BETAS = (0.9, 0.999)  # AdamW's defaults in torch
 EPS = 1e-8
 
 
 class PeerOptimizers:
-    """Moments (rows x numel) and step counts (rows x parts) of every hosted peer."""
+    """Moments (rows x numel) and step counts (rows x parts) of every hosted peer; the dense deltas,
+    when the layout has them, step with GaLore-Adam (:class:`DenseDeltaOptimizers`)."""
 
-    def __init__(self, config: TrainConfig, layout: FactorLayout, rows: int, device: torch.device) -> None:
+    def __init__(self, config: TrainConfig, layout: FactorLayout, rows: int, device: torch.device,
+                 galore: GaLoreSettings | None = None) -> None:
         self.config, self.layout = config, layout
         adam = config.optimizer == "adamw"
         keeps_moment = adam or config.momentum != 0
-        self.moment = torch.zeros(rows, layout.numel, device=device) if keeps_moment else None
-        self.second = torch.zeros(rows, layout.numel, device=device) if adam else None
+        numel = layout.optimizer_numel
+        self.moment = torch.zeros(rows, numel, device=device) if keeps_moment else None
+        self.second = torch.zeros(rows, numel, device=device) if adam else None
         self.steps = torch.zeros(rows, len(PARTS), dtype=torch.int64)
+        if layout.delta and galore is None:
+            raise ConfigError("the peers' buffers hold dense deltas but the method gives no optimizer for them")
+        self.dense = DenseDeltaOptimizers(layout, rows, device, galore, config) if layout.delta else None
 
     def reset(self, rows: Sequence[int]) -> None:
         """Forget moments and step counts of these rows, as if their optimizers were new."""
@@ -39,6 +47,8 @@ class PeerOptimizers:
             if tensor is not None:
                 tensor[list(rows)] = 0.0
         self.steps[list(rows)] = 0
+        if self.dense is not None:
+            self.dense.reset(rows)
 
     @torch.no_grad()
     def step(self, params: torch.Tensor, rows: Sequence[int], grads: torch.Tensor, parts: frozenset[str]) -> None:
@@ -50,6 +60,9 @@ class PeerOptimizers:
                 continue
             self.steps[block.index, column] += 1
             steps = self.steps[block.index, column].tolist()
+            if part == "delta":
+                self.dense.step(params, block.index, grads[:, start:end], steps)
+                continue
             sliced = [block.read(t, start, end) if t is not None else None for t in (params, self.moment, self.second)]
             param, moment, second = sliced
             grad = grads[:, start:end]
@@ -80,19 +93,133 @@ class PeerOptimizers:
         for key, tensor in (("optimizer.moment", self.moment), ("optimizer.second", self.second)):
             if tensor is not None:
                 state[key] = tensor[row].cpu()
+        if self.dense is not None:
+            state.update(self.dense.state_of(row))
         return state
 
     def load(self, row: int, state: dict[str, torch.Tensor], where: str) -> None:
         """Restore a row from its checkpoint file (``where`` names it in errors)."""
-        missing = [key for key in ("optimizer.steps", "optimizer.moment", "optimizer.second")
-                   if key not in state and (key == "optimizer.steps" or getattr(self, key.split(".")[1]) is not None)]
-        if missing:
-            raise ConfigError(f"{where} holds no {missing[0]}: it was written by an older version of p2p_fedrot or "
-                              f"with another train.optimizer; start afresh with --overwrite or another out")
+        expected = ["optimizer.steps"] + [key for key, tensor in (("optimizer.moment", self.moment),
+                                                                   ("optimizer.second", self.second)) if tensor is not None]
+        expected += self.dense.keys() if self.dense is not None else []
+        missing = [key for key in expected if key not in state]
+        if missing or state["optimizer.steps"].shape != self.steps[row].shape:
+            what = f"no {missing[0]}" if missing else "step counts of another layout"
+            raise ConfigError(f"{where} holds {what}: it was written by an older version of p2p_fedrot or "
+                              f"with another train.optimizer or method; start afresh with --overwrite or another out")
         self.steps[row] = state["optimizer.steps"]
         for key, tensor in (("optimizer.moment", self.moment), ("optimizer.second", self.second)):
             if tensor is not None:
                 tensor[row] = state[key].to(tensor.device)
+        if self.dense is not None:
+            self.dense.load(row, state)
+
+    def state_bytes(self) -> int:
+        """Bytes of one peer's optimizer state (its moments, and its dense deltas' projectors and moments)."""
+        row = sum(t[0].numel() * t.element_size() for t in (self.moment, self.second) if t is not None)
+        return row + (self.dense.state_bytes() if self.dense is not None else 0)
+
+
+class DenseDeltaOptimizers:
+    """GaLore-Adam state of every hosted peer's dense deltas: per module, the projectors and the
+    projected moments of all rows, and the lifted second moments a sync delivered, waiting for the
+    peer's next step (where they rescale its moments through the projector that step uses)."""
+
+    def __init__(self, layout: FactorLayout, rows: int, device: torch.device, settings: GaLoreSettings,
+                 config: TrainConfig) -> None:
+        self.layout, self.settings, self.config = layout, settings, config
+        self.shapes = [spec.shape for spec in layout.delta]
+        self.sides = [galore.side_of(shape, settings.rank) for shape in self.shapes]
+        self.projectors = [torch.zeros(rows, *p, device=device) if (p := galore.projector_shape(shape, settings.rank))
+                           else None for shape in self.shapes]
+        low = [galore.projected_shape(shape, settings.rank) for shape in self.shapes]
+        self.moment = [torch.zeros(rows, *shape, device=device) for shape in low]
+        self.second = [torch.zeros(rows, *shape, device=device) for shape in low]
+        self.pending: dict[int, torch.Tensor] = {}  # row -> lifted second moments received, flattened in layout order
+
+    def reset(self, rows: Sequence[int]) -> None:
+        for tensor in self.moment + self.second:
+            tensor[list(rows)] = 0.0
+        for row in rows:
+            self.pending.pop(row, None)
+
+    def step(self, params: torch.Tensor, rows: Sequence[int], grads: torch.Tensor, steps: list[int]) -> None:
+        """One GaLore-Adam step of each row's deltas (``grads``: rows x delta numel; ``steps``: each
+        row's count including this step). A projector is refitted on the gradient every
+        ``proj_every`` steps, starting with the first."""
+        settings, config = self.settings, self.config
+        for i, (row, step) in enumerate(zip(rows, steps)):
+            received = self.pending.pop(row, None)
+            offset = 0
+            for m, (spec, side) in enumerate(zip(self.layout.delta, self.sides)):
+                grad = grads[i, offset : offset + spec.numel].view(spec.shape)
+                P = self.projectors[m][row] if self.projectors[m] is not None else None
+                own = galore.lift_second(self.second[m][row], P, side) if received is not None else None
+                if P is not None and (step - 1) % settings.proj_every == 0:
+                    P.copy_(galore.fit_projector(grad, settings.rank, side))
+                if received is not None:  # the sync, seen through the projector this step uses
+                    synced = received[offset : offset + spec.numel].view(spec.shape)
+                    self.second[m][row].copy_(galore.resync_second(self.second[m][row], own, synced, P, side))
+                param = params[row, spec.offset : spec.offset + spec.numel].view(spec.shape)
+                galore.adam_step(param, grad, P, side, self.moment[m][row], self.second[m][row], step, config.lr,
+                                 config.weight_decay, settings.scale)
+                offset += spec.numel
+
+    def lifted(self, row: int) -> torch.Tensor:
+        """The row's second moments in full weight shape, flattened in layout order (a delivered but
+        not yet used sync counts as the row's moments)."""
+        if row in self.pending:
+            return self.pending[row].clone()
+        pieces = [galore.lift_second(self.second[m][row], self.projectors[m][row] if self.projectors[m] is not None
+                                     else None, side).reshape(-1) for m, side in enumerate(self.sides)]
+        return torch.cat(pieces)
+
+    def receive(self, row: int, lifted: torch.Tensor) -> None:
+        self.pending[row] = lifted.detach().to(self.moment[0].device, torch.float32).clone()
+
+    def keys(self) -> list[str]:
+        names = [f"optimizer.dense.{m}.{kind}" for m in range(len(self.shapes)) for kind in ("moment", "second")]
+        return names + [f"optimizer.dense.{m}.projector" for m, p in enumerate(self.projectors) if p is not None]
+
+    def state_of(self, row: int) -> dict[str, torch.Tensor]:
+        state = {}
+        for m in range(len(self.shapes)):
+            state[f"optimizer.dense.{m}.moment"] = self.moment[m][row].cpu()
+            state[f"optimizer.dense.{m}.second"] = self.second[m][row].cpu()
+            if self.projectors[m] is not None:
+                state[f"optimizer.dense.{m}.projector"] = self.projectors[m][row].cpu()
+        if row in self.pending:
+            state["optimizer.dense.pending"] = self.pending[row].cpu()
+        return state
+
+    def load(self, row: int, state: dict[str, torch.Tensor]) -> None:
+        for m in range(len(self.shapes)):
+            self.moment[m][row] = state[f"optimizer.dense.{m}.moment"]
+            self.second[m][row] = state[f"optimizer.dense.{m}.second"]
+            if self.projectors[m] is not None:
+                self.projectors[m][row] = state[f"optimizer.dense.{m}.projector"]
+        self.pending.pop(row, None)
+        if "optimizer.dense.pending" in state:
+            self.receive(row, state["optimizer.dense.pending"])
+
+    def state_bytes(self) -> int:
+        """One row's projectors and projected moments (a synced run also holds, between the exchange
+        and the next step, one lifted moment as large as the deltas)."""
+        tensors = self.moment + self.second + [p for p in self.projectors if p is not None]
+        return sum(t[0].numel() * t.element_size() for t in tensors)
+
+
+class LiftedMoments:
+    """One training peer's :class:`~.methods.base.SecondMoments`, backed by the process's optimizers."""
+
+    def __init__(self, dense: DenseDeltaOptimizers, row: int) -> None:
+        self.dense, self.row = dense, row
+
+    def lifted(self) -> torch.Tensor:
+        return self.dense.lifted(self.row)
+
+    def receive(self, lifted: torch.Tensor) -> None:
+        self.dense.receive(self.row, lifted)
 
 
 class _Rows:

@@ -86,7 +86,8 @@ class Experiment:
         self.data = build_data(config.data, self.clients, config.seed, tokenizer, config.model.max_length,
                                task_of(config.model) == CAUSAL_LM)
         self.bank = build_bank(config.model, list(self.placement.local_peers), self.data.input_dim,
-                               self.data.num_classes, config.seed, runtime.device)
+                               self.data.num_classes, config.seed, runtime.device,
+                               methods.trains_dense_deltas(config.method))
         self.layout = self.bank.layout
         self.schedule = MixingSchedule(self.topology, config.mixing, [len(self.data.clients[c].train) for c in self.clients],
                                        config.seed, config.participation)
@@ -243,6 +244,7 @@ class Experiment:
             "peers_per_forward": self.per_forward,
             "payload_bytes": self.mixer.payload_bytes(self.config.train.warmup_rounds, self.clients[0],
                                                       self.bank.flats.element_size()),
+            "peer_state_bytes": self.hosted.peer_state_bytes(),
             "bytes_sent_total": self.bytes_total,
             "wire_bytes_total": int(wire.item()),
             "final_mean_accuracy": last.get("mean_accuracy"),

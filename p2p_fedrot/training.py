@@ -20,7 +20,8 @@ from .data import IGNORE_INDEX, Dataset
 from .errors import ConfigError, DivergedError
 from .factors import FactorLayout
 from .model import CAUSAL_LM
-from .optimizers import PeerOptimizers
+from .galore import GaLoreSettings
+from .optimizers import LiftedMoments, PeerOptimizers
 from .seeding import derive_seed
 
 EVAL_TOKENS = 2**16  # tokens per evaluation forward when peers are evaluated together
@@ -76,7 +77,8 @@ def autocast_for(device: torch.device, precision: str):
 
 def part_flags(layout: FactorLayout, parts: frozenset[str]) -> list[bool]:
     """For each layout entry, whether its part is trained."""
-    return [part in parts for part, specs in (("A", layout.a), ("B", layout.b), ("head", layout.head)) for _ in specs]
+    return [part in parts for part, specs in (("A", layout.a), ("B", layout.b), ("head", layout.head),
+                                              ("delta", layout.delta)) for _ in specs]
 
 
 CPU_BATCHING_WORK = 1e9  # base parameters x tokens of one peer's batch below which CPU steps are overhead-bound
@@ -138,11 +140,12 @@ class BankTrainer:
     """
 
     def __init__(self, bank: PeerBank, datasets: Mapping[int, Dataset], config: TrainConfig, seed: int,
-                 precision: str = "auto", group: int = 1, streams: Mapping[int, int] | None = None) -> None:
+                 precision: str = "auto", group: int = 1, streams: Mapping[int, int] | None = None,
+                 galore: GaLoreSettings | None = None) -> None:
         self.bank, self.datasets, self.config, self.seed = bank, dict(datasets), config, seed
         self.precision, self.group = precision, group
         self.streams = {p: (streams or {}).get(p, p) for p in self.datasets}
-        self.optimizers = PeerOptimizers(config, bank.layout, len(bank.peers), bank.device)
+        self.optimizers = PeerOptimizers(config, bank.layout, len(bank.peers), bank.device, galore)
         self.scales = LossScale(len(bank.peers), precision == "fp16")
 
     @property
@@ -212,6 +215,11 @@ class BankTrainer:
     def rotate_moments(self, peer: int, rotations: list[torch.Tensor]) -> None:
         """The peer's factors were rotated (see Method.before_send): rotate its optimizer's first moment too."""
         self.optimizers.rotate(self.bank.row_of[peer], rotations)
+
+    def second_moments(self, peer: int) -> LiftedMoments | None:
+        """The peer's dense-delta second moments for a method that syncs them (None without dense deltas)."""
+        dense = self.optimizers.dense
+        return LiftedMoments(dense, self.bank.row_of[peer]) if dense is not None else None
 
     def optimizer_state(self, peer: int) -> dict[str, torch.Tensor]:
         return self.optimizers.state_of(self.bank.row_of[peer])

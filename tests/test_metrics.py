@@ -30,7 +30,7 @@ def toy_layout() -> FactorLayout:
         offset += d_out * r
     b_end = offset
     head = (TensorSpec("head.weight", (3,), offset),)
-    segments = {"A": (0, a_end), "B": (a_end, b_end), "head": (b_end, offset + 3)}
+    segments = {"A": (0, a_end), "B": (a_end, b_end), "head": (b_end, offset + 3), "delta": (offset + 3, offset + 3)}
     return FactorLayout(("m0", "m1"), (2.0, 0.75), tuple(a), tuple(b), head, segments, offset + 3)
 
 

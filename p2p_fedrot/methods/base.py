@@ -13,17 +13,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..factors import FactorLayout
+from ..factors import PARTS, FactorLayout
+from ..galore import GaLoreSettings
 from ..gossip import weighted_sum
 from ..reduction import Reduce, exact_sum
 
-ALL_PARTS = frozenset({"A", "B", "head"})
+ALL_PARTS = frozenset(PARTS)
+
+
+class SecondMoments(Protocol):
+    """A training peer's optimizer second moments of its dense deltas, in the full weight shape."""
+
+    def lifted(self) -> torch.Tensor:
+        """Every dense delta's second moment lifted to its weight's shape, flattened in layout order."""
+
+    def receive(self, lifted: torch.Tensor) -> None:
+        """Take these lifted moments in place of the peer's own (re-projected at its next step)."""
 
 
 @dataclass
@@ -33,6 +44,7 @@ class PeerState:
     peer: int
     flat: torch.Tensor  # the live buffer its adapter parameters are views of
     reference: torch.Tensor | None = None  # copy of ``flat`` at the start of the round
+    moments: SecondMoments | None = None  # for methods that sync optimizer state; None for peers that do not train
 
 
 @dataclass
@@ -78,6 +90,9 @@ class Method:
     resets_optimizer: ClassVar[bool] = False
     # changes the frozen base weights that all peers of a process share, so no client may sit a round out
     changes_base_weights: ClassVar[bool] = False
+    # trains a full-shape delta of every adapted weight (the "delta" part) instead of LoRA factors
+    dense_deltas: ClassVar[bool] = False
+    galore: GaLoreSettings | None = None  # the projected optimizer of the dense deltas, for methods that train them
 
     def __init__(self, args: dict[str, Any], context: MethodContext) -> None:
         unknown = sorted(set(args) - set(self.params))
@@ -145,6 +160,11 @@ def make_method(name: str, args: dict[str, Any], context: MethodContext) -> Meth
     if name not in _REGISTRY:
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name](dict(args or {}), context)
+
+
+def trains_dense_deltas(name: str) -> bool:
+    """Whether method ``name`` needs dense deltas in the peers' buffers (known before the bank is built)."""
+    return name in _REGISTRY and _REGISTRY[name].dense_deltas
 
 
 def available_methods() -> list[str]:
