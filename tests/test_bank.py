@@ -70,8 +70,12 @@ def peft_loss_and_grads(config: ModelConfig, bank, peer: int, inputs, labels) ->
 @pytest.mark.parametrize("case", list(CASES))
 def test_bank_gives_peft_loss_and_gradients_alone_and_together(case: str) -> None:
     config = CASES[case]
+    # float32 rounding: the joint forward sums in another order than peft's per-peer one, and the
+    # 30-layer causal LM carries that back through every layer (measured on 2 threads, factors of
+    # scale 0.05: up to 1.2e-5 of a gradient's norm; a wrong row or peer is off by its whole norm)
+    tolerance = 1e-4 if case == "causal_lm" else 1e-5
     bank = build_bank(config, PEERS, input_dim=8, num_classes=3, seed=0, device=CPU)
-    random_rows(bank)
+    random_rows(bank, 0.05 if case == "causal_lm" else 0.3)
     batches = [batch_for(config, p) for p in PEERS]
     expected = [peft_loss_and_grads(config, bank, p, *batches[p]) for p in PEERS]
     bank.model.eval()
@@ -94,7 +98,8 @@ def test_bank_gives_peft_loss_and_gradients_alone_and_together(case: str) -> Non
                 assert abs(float(mean[row].detach()) - loss) <= 1e-6 * max(1.0, abs(loss))
                 for spec, leaf in zip(bank.layout.specs, leaves):
                     want = grads[spec.name]
-                    assert torch.allclose(leaf.grad[row], want, rtol=1e-5, atol=1e-6), (case, together, spec.name)
+                    error = float((leaf.grad[row] - want).norm() / want.norm().clamp(min=1e-12))
+                    assert error <= tolerance, (case, together, spec.name, error)
 
 
 def test_adapters_written_from_the_bank_load_in_peft_and_give_the_peer_outputs(tmp_path: Path) -> None:
