@@ -18,10 +18,7 @@ from . import galore
 from .config import TrainConfig
 from .errors import ConfigError
 from .factors import PARTS, FactorLayout
-from .galore import GaLoreSettings
-
-BETAS = (0.9, 0.999)  # AdamW's defaults in torch
-EPS = 1e-8
+from .galore import BETAS, EPS, GaLoreSettings
 
 
 class PeerOptimizers:
