@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -128,6 +129,7 @@ def collective(what: str, timeout_s: float, name: ProcessNamer = plain_process_n
         raise
     except RuntimeError as exc:  # torch's DistBackendError and Gloo / NCCL failures are RuntimeErrors
         waited = time.monotonic() - since  # before asking the heartbeats, which takes seconds
+        finish_the_report_first()
         named = ranks_named_in(str(exc)) or (heartbeat.silent() if heartbeat else [])
         who = ", ".join(name(r) for r in named) if named else "another process"
         if waited < 0.9 * timeout_s:
@@ -136,6 +138,15 @@ def collective(what: str, timeout_s: float, name: ProcessNamer = plain_process_n
             what_happened = f"did not answer within {timeout_s:g} s: it is stopped or stuck"
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PeerError(f"{what}: {who} {what_happened} ({detail}). Check the log of that process.") from None
+
+
+def finish_the_report_first() -> None:
+    """Ignore SIGTERM from now on: this process has met a peer failure and exits as soon as it has
+    said which peer failed, which can take the heartbeats' seconds. torchrun sends SIGTERM to every
+    survivor the moment it sees one worker die; without this the report would be cut off (torchrun
+    still sends SIGKILL after its own grace period)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def init_runtime(backend: str = "auto", timeout_s: float = 300.0) -> Runtime:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 
 import networkx as nx
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from scipy import sparse
 
 from multiproc import spawn_ranks
@@ -17,7 +20,8 @@ from p2p_fedrot.gossip import collect_mix_inputs, keeps_own_value, routes_of, ro
 from p2p_fedrot.mixing import mixing_matrix, server_mixing_steps
 from p2p_fedrot.participation import present_peers, restrict
 from p2p_fedrot.topology import build_topology
-from p2p_fedrot.runtime import Runtime, agree, init_runtime
+from p2p_fedrot.group import ProcessGroup
+from p2p_fedrot.runtime import Runtime, agree, collective, init_runtime
 from p2p_fedrot.transport import Placement, Transport
 
 PEERS = 8
@@ -148,6 +152,30 @@ def test_absent_or_killed_peer_ends_with_clear_error_within_timeout(mode: str) -
     assert "process 1 (peers 2-3)" in outcome["outcome"], outcome
     assert outcome["elapsed"] < 3 + 2.0, outcome  # the 3 s deadline, not the 60 s group timeout
     assert time.monotonic() - start < 45
+
+
+def dies_inside_a_collective(rank: int, world: int) -> str | None:
+    """Rank 1 dies after the barrier that precedes a collective, so Gloo's error does not say who
+    broke it and rank 0 asks the heartbeats (seconds); meanwhile rank 0 gets SIGTERM, as torchrun
+    sends every survivor the moment it sees a worker die."""
+    runtime = init_runtime("gloo", timeout_s=60)
+    placement = Placement(4, world, rank)
+    ProcessGroup(runtime, 60, placement.process_name).arrive("ready")
+    if rank == 1:
+        os._exit(1)
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    try:
+        with collective("combining metrics", 60, placement.process_name, runtime.heartbeat):
+            dist.all_reduce(torch.ones(1))
+            dist.all_reduce(torch.ones(1))  # in case the first one was already on its way
+    except PeerError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_a_survivor_told_to_stop_still_names_the_peer_that_died() -> None:
+    outcome, _ = spawn_ranks(dies_inside_a_collective, 2, timeout=60, may_fail=(1,))
+    assert outcome.startswith("combining metrics: process 1 (peers 2-3) left the group"), outcome
 
 
 def test_config_mismatch_fails_fast_on_both_sides() -> None:
