@@ -70,7 +70,10 @@ class HostedPeers:
         """(accuracy, loss) on the shared test set and on its own test split, per hosted client."""
         since = time.perf_counter()
         batch, precision = self.config.eval.batch_size, self.config.model.precision
-        shared = evaluate(self.bank, {p: self.data.test for p in self.clients}, batch, precision, self.group)
+        # a pooled learner is one model held by every client: its shared-test score is computed once
+        scored = self.clients[:1] if self.method.pooled_data else self.clients
+        shared = evaluate(self.bank, {p: self.data.test for p in scored}, batch, precision, self.group)
+        shared = {p: shared[scored[0] if self.method.pooled_data else p] for p in self.clients}
         own = evaluate(self.bank, {p: self.data.clients[p].local_test for p in self.clients}, batch, precision,
                        self.group)
         announce_phase(round, self.config.rounds, f"process 0 evaluated {_peers(len(self.clients))}",

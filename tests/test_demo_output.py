@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # the demo's model, data and method at a size that runs in well under a minute on 2 cores
-REDUCED = ["peers=4", "rounds=1", "data.train_samples=200", "data.min_samples=5"]
+REDUCED = ["peers=4", "rounds=1", "data.train_samples=200", "data.min_samples=5", "train.local_steps=2"]
 PROGRESS_BAR = re.compile(r"%\||[\u2580-\u259f]")  # tqdm's "42%|" and the blocks it draws bars with
 SET_UP = ["set-up: already done", "run: configs/demo.yaml on 2 processes", "set-up: loading the tokenizer of",
           "set-up: reading packaged:bbc_news", "set-up: tokenising 200 training and 200 test texts",

@@ -459,7 +459,7 @@ def test_fedex_effective_weights_are_the_exact_average_of_products(tmp_path: Pat
 def test_centralized_is_one_learner_on_the_pooled_data(tmp_path: Path) -> None:
     from p2p_fedrot.data import pool
     from p2p_fedrot.hosting import POOLED_STREAM
-    from p2p_fedrot.training import BankTrainer
+    from p2p_fedrot.training import BankTrainer, evaluate
 
     exp = experiment(tmp_path / "run", "method=centralized", "rounds=3")
     config = exp.config
@@ -473,6 +473,10 @@ def test_centralized_is_one_learner_on_the_pooled_data(tmp_path: Path) -> None:
     for peer in range(8):
         assert torch.equal(exp.hosted.states[peer].flat, hand.hosted.states[0].flat)
     assert summary["bytes_sent_total"] == 0
+    by_hand = evaluate(hand.bank, {0: hand.data.test}, config.eval.batch_size)[0]
+    scores = exp.hosted.evaluate(3)  # the shared test is scored once, for every client
+    assert all(scores[p][:2] == (by_hand.accuracy, by_hand.loss) for p in range(8)), (scores, by_hand)
+    assert len({scores[p][2:] for p in range(8)}) > 1  # each client's own split is scored on its own
 
 
 def test_aligning_to_the_neighbours_repairs_a_rotated_init(tmp_path: Path) -> None:
