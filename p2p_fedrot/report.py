@@ -271,9 +271,11 @@ def plot_final_against(stats: list[dict], x_key: str, xlabel: str, path: Path) -
     atomic_write_png(figure, path)
 
 
-def _recorded(groups: list[Group], key: str) -> bool:
-    """Whether some run recorded ``key`` in some round (older runs lack newer metrics)."""
-    return any(m.get(key) is not None for g in groups for r in g.runs for m in r["metrics"])
+def _recorded(groups: list[Group], key: str, above: float | None = None) -> bool:
+    """Whether some run recorded ``key`` in some round (older runs lack newer metrics), with a value
+    over ``above`` when one is given."""
+    values = (m.get(key) for g in groups for r in g.runs for m in r["metrics"])
+    return any(v is not None and (above is None or v > above) for v in values)
 
 
 def write_report(run_dirs: list[str], out: str | os.PathLike) -> Path:
@@ -284,12 +286,14 @@ def write_report(run_dirs: list[str], out: str | os.PathLike) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     plot_per_round(groups, "mean_accuracy", "mean test accuracy over peers", folder / "accuracy.png")
     consensus_key = "consensus_distance_rel" if _recorded(groups, "consensus_distance_rel") else "consensus_distance"
-    plot_per_round(groups, consensus_key, consensus_key.replace("_", " "), folder / "consensus.png", log=True,
-                   prediction=True)
+    drifting = _recorded(groups, consensus_key, above=LOG_FLOOR)  # server-mode runs are at exact consensus
+    if drifting:
+        plot_per_round(groups, consensus_key, consensus_key.replace("_", " "), folder / "consensus.png", log=True,
+                       prediction=True)
     plot_final_against(stats, "spectral_gap", "spectral gap 1 - rho of the mixing matrix",
                        folder / "accuracy_vs_gap.png")
     plot_final_against(stats, "mb_sent", "MB sent in the run (all peers)", folder / "accuracy_vs_bytes.png")
-    plots = ["accuracy", "consensus", "accuracy_vs_gap", "accuracy_vs_bytes"]
+    plots = ["accuracy", *(["consensus"] if drifting else []), "accuracy_vs_gap", "accuracy_vs_bytes"]
     for key, label in ALIGNMENT_PLOTS.items():
         if _recorded(groups, key):
             plot_per_round(groups, key, label, folder / f"{key}.png")
@@ -297,7 +301,9 @@ def write_report(run_dirs: list[str], out: str | os.PathLike) -> Path:
     seeds = sorted({len(g.runs) for g in groups})
     notes = ("Plots: a band or error bar is +/- one std over seeds; the consensus plot leaves out runs at exact "
              "consensus (relative distance <= 1e-15), and its dashed lines are how fast mixing alone would shrink "
-             "the first plotted value (rho^(2t), rho = 1 - spectral gap).\n\n")
+             "the first plotted value (rho^(2t), rho = 1 - spectral gap).\n\n" if drifting else
+             "Plots: a band or error bar is +/- one std over seeds. No consensus plot: every run is at exact "
+             "consensus (relative distance <= 1e-15), as in server mode.\n\n")
     text = ("# p2p_fedrot report\n\n"
             f"{len(groups)} group(s) of runs that differ only in their seed; mean +/- sample std over the "
             f"n seeds of each ({', '.join(map(str, seeds))}). Final values are those of the last evaluated "

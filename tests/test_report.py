@@ -32,6 +32,21 @@ def test_report_compares_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert "summary" not in capsys.readouterr().err
 
 
+def test_a_report_of_runs_at_exact_consensus_has_no_consensus_plot_and_says_why(tmp_path: Path) -> None:
+    """Server mode keeps every peer at the hub's model: a log plot of zeros has nothing to show."""
+    runs = []
+    for method in ("fedit", "fedrot"):
+        out = tmp_path / method
+        config = load_config(TOY, ["topology=server", f"method={method}", "rounds=2", "train.local_steps=1", f"out={out}"])
+        Experiment(config, init_runtime()).run()
+        runs.append(str(out))
+    assert main(["report", *runs, "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "summary.md").read_text()
+    assert "No consensus plot: every run is at exact consensus" in text and "consensus.png" not in text
+    assert not (tmp_path / "report" / "consensus.png").exists()
+    assert (tmp_path / "report" / "accuracy.png").read_bytes()[:8] == PNG_MAGIC
+
+
 def test_report_on_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "is not a finished run folder" in capsys.readouterr().err
