@@ -7,9 +7,11 @@ Hugging Face model id / local folder.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -98,7 +100,7 @@ def _smollm2_folder() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
     try:
-        with _quiet_loading():
+        with _quiet_loading(), _held_stderr():
             dequantised = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
             config = dequantised.config
             if hasattr(config, "quantization_config"):
@@ -128,6 +130,19 @@ def model_source(config: ModelConfig) -> str:
             "toy:mlp, or any Hugging Face model id / local folder"
         )
     return config.name
+
+
+@contextlib.contextmanager
+def _held_stderr() -> Iterator[None]:
+    """What is written to stderr meanwhile is kept back, and shown only if the block fails: the GGUF
+    reader draws a tqdm bar of its own, which transformers' switch for progress bars does not reach."""
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
 
 
 @contextlib.contextmanager

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from p2p_fedrot.config import load_config
+from p2p_fedrot.model import _held_stderr
 from p2p_fedrot.runner import Experiment
 from p2p_fedrot.runtime import init_runtime
 
@@ -33,3 +35,17 @@ def test_smollm2_peers_train_and_report_perplexity(tmp_path: Path) -> None:
     assert records[-1]["mean_loss"] < records[0]["mean_loss"] + 0.5  # training does not blow up
     assert 0 < records[-1]["mean_accuracy"] < 1  # next-token accuracy
     assert (tmp_path / "adapters" / "peer_001" / "adapter_model.safetensors").is_file()
+
+
+def test_the_gguf_conversion_bar_is_held_back_and_shown_only_on_failure(capfd: pytest.CaptureFixture) -> None:
+    """The GGUF reader draws its own tqdm bar (tqdm.auto, to stderr) while SmolLM2 is converted."""
+    from tqdm.auto import tqdm
+
+    with _held_stderr():
+        for _ in tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+    assert capfd.readouterr().err == ""
+    with pytest.raises(ValueError, match="bad tensor"), _held_stderr():
+        sys.stderr.write("what the reader said\n")
+        raise ValueError("bad tensor")
+    assert capfd.readouterr().err == "what the reader said\n"
