@@ -64,7 +64,6 @@ def save_consensus_adapter(bank: PeerBank, mean: torch.Tensor, folder: Path) -> 
     save_adapter(bank.layout, bank.adapter_config, mean, folder / CONSENSUS)
 
 
-
 @torch.no_grad()
 def add_dense_deltas(model: torch.nn.Module, folder: Path) -> None:
     """Add an adapter folder's dense deltas (if it has any) to the base model's weights in place,

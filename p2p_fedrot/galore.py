@@ -137,8 +137,14 @@ def joint_directions(weights: Sequence[float], lifted: Sequence[torch.Tensor], r
     return torch.linalg.eigh(shared_projector)[1][:, -keep:]
 
 
+def joint_component(x: torch.Tensor, joint: torch.Tensor) -> torch.Tensor:
+    """x Q Q^T in float64: the part of a lifted moment (m x n) along the joint directions Q (n x k)."""
+    joint = joint.double()
+    return (x.double() @ joint) @ joint.T
+
+
 def sync_joint(own: torch.Tensor, mean: torch.Tensor, joint: torch.Tensor) -> torch.Tensor:
     """A peer's moment with its component along the joint directions replaced by the neighbourhood
     mean's, and the rest (what is the peer's own) kept: own + (mean - own) Q Q^T."""
-    own64, joint = own.double(), joint.double()
-    return (own64 + ((mean.double() - own64) @ joint) @ joint.T).to(own.dtype)
+    own64 = own.double()
+    return (own64 + joint_component(mean.double() - own64, joint)).to(own.dtype)

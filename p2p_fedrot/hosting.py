@@ -72,8 +72,8 @@ class HostedPeers:
         batch, precision = self.config.eval.batch_size, self.config.model.precision
         # a pooled learner is one model held by every client: its shared-test score is computed once
         scored = self.clients[:1] if self.method.pooled_data else self.clients
-        shared = evaluate(self.bank, {p: self.data.test for p in scored}, batch, precision, self.group)
-        shared = {p: shared[scored[0] if self.method.pooled_data else p] for p in self.clients}
+        scores = evaluate(self.bank, {p: self.data.test for p in scored}, batch, precision, self.group)
+        shared = {p: scores[p if p in scores else scored[0]] for p in self.clients}
         own = evaluate(self.bank, {p: self.data.clients[p].local_test for p in self.clients}, batch, precision,
                        self.group)
         announce_phase(round, self.config.rounds, f"process 0 evaluated {_peers(len(self.clients))}",

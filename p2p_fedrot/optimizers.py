@@ -150,7 +150,7 @@ class DenseDeltaOptimizers:
             offset = 0
             for m, (spec, side) in enumerate(zip(self.layout.delta, self.sides)):
                 grad = grads[i, offset : offset + spec.numel].view(spec.shape)
-                P = self.projectors[m][row] if self.projectors[m] is not None else None
+                P = self._projector(m, row)
                 own = galore.lift_second(self.second[m][row], P, side) if received is not None else None
                 if P is not None and (step - 1) % settings.proj_every == 0:
                     P.copy_(galore.fit_projector(grad, settings.rank, side))
@@ -167,34 +167,39 @@ class DenseDeltaOptimizers:
         not yet used sync counts as the row's moments)."""
         if row in self.pending:
             return self.pending[row].clone()
-        pieces = [galore.lift_second(self.second[m][row], self.projectors[m][row] if self.projectors[m] is not None
-                                     else None, side).reshape(-1) for m, side in enumerate(self.sides)]
+        pieces = [galore.lift_second(self.second[m][row], self._projector(m, row), side).reshape(-1)
+                  for m, side in enumerate(self.sides)]
         return torch.cat(pieces)
+
+    def _projector(self, m: int, row: int) -> torch.Tensor | None:
+        """Module m's projector of a row (None where the projector is the identity)."""
+        return self.projectors[m][row] if self.projectors[m] is not None else None
 
     def receive(self, row: int, lifted: torch.Tensor) -> None:
         self.pending[row] = lifted.detach().to(self.moment[0].device, torch.float32).clone()
 
+    def _saved(self) -> list[tuple[str, torch.Tensor]]:
+        """(checkpoint key, tensor of all rows) of every per-row state tensor: each module's projected
+        moments and, where it is not the identity, its projector."""
+        saved = []
+        for m in range(len(self.shapes)):
+            saved += [(f"optimizer.dense.{m}.moment", self.moment[m]), (f"optimizer.dense.{m}.second", self.second[m])]
+            if self.projectors[m] is not None:
+                saved.append((f"optimizer.dense.{m}.projector", self.projectors[m]))
+        return saved
+
     def keys(self) -> list[str]:
-        names = [f"optimizer.dense.{m}.{kind}" for m in range(len(self.shapes)) for kind in ("moment", "second")]
-        return names + [f"optimizer.dense.{m}.projector" for m, p in enumerate(self.projectors) if p is not None]
+        return [key for key, _ in self._saved()]
 
     def state_of(self, row: int) -> dict[str, torch.Tensor]:
-        state = {}
-        for m in range(len(self.shapes)):
-            state[f"optimizer.dense.{m}.moment"] = self.moment[m][row].cpu()
-            state[f"optimizer.dense.{m}.second"] = self.second[m][row].cpu()
-            if self.projectors[m] is not None:
-                state[f"optimizer.dense.{m}.projector"] = self.projectors[m][row].cpu()
+        state = {key: tensor[row].cpu() for key, tensor in self._saved()}
         if row in self.pending:
             state["optimizer.dense.pending"] = self.pending[row].cpu()
         return state
 
     def load(self, row: int, state: dict[str, torch.Tensor]) -> None:
-        for m in range(len(self.shapes)):
-            self.moment[m][row] = state[f"optimizer.dense.{m}.moment"]
-            self.second[m][row] = state[f"optimizer.dense.{m}.second"]
-            if self.projectors[m] is not None:
-                self.projectors[m][row] = state[f"optimizer.dense.{m}.projector"]
+        for key, tensor in self._saved():
+            tensor[row] = state[key]
         self.pending.pop(row, None)
         if "optimizer.dense.pending" in state:
             self.receive(row, state["optimizer.dense.pending"])
@@ -202,8 +207,7 @@ class DenseDeltaOptimizers:
     def state_bytes(self) -> int:
         """One row's projectors and projected moments (a synced run also holds, between the exchange
         and the next step, one lifted moment as large as the deltas)."""
-        tensors = self.moment + self.second + [p for p in self.projectors if p is not None]
-        return sum(t[0].numel() * t.element_size() for t in tensors)
+        return sum(tensor[0].numel() * tensor.element_size() for _, tensor in self._saved())
 
 
 class LiftedMoments:

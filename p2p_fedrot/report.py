@@ -299,11 +299,11 @@ def write_report(run_dirs: list[str], out: str | os.PathLike) -> Path:
             plot_per_round(groups, key, label, folder / f"{key}.png")
             plots.append(key)
     seeds = sorted({len(g.runs) for g in groups})
-    notes = ("Plots: a band or error bar is +/- one std over seeds; the consensus plot leaves out runs at exact "
-             "consensus (relative distance <= 1e-15), and its dashed lines are how fast mixing alone would shrink "
-             "the first plotted value (rho^(2t), rho = 1 - spectral gap).\n\n" if drifting else
-             "Plots: a band or error bar is +/- one std over seeds. No consensus plot: every run is at exact "
-             "consensus (relative distance <= 1e-15), as in server mode.\n\n")
+    notes = "Plots: a band or error bar is +/- one std over seeds" + (
+        "; the consensus plot leaves out runs at exact consensus (relative distance <= 1e-15), and its dashed "
+        "lines are how fast mixing alone would shrink the first plotted value (rho^(2t), rho = 1 - spectral gap)"
+        if drifting else ". No consensus plot: every run is at exact consensus (relative distance <= 1e-15), as in "
+        "server mode") + ".\n\n"
     text = ("# p2p_fedrot report\n\n"
             f"{len(groups)} group(s) of runs that differ only in their seed; mean +/- sample std over the "
             f"n seeds of each ({', '.join(map(str, seeds))}). Final values are those of the last evaluated "

@@ -7,8 +7,9 @@ optimizer's second moments lifted to the full weight shape (see :mod:`..galore`)
 receiver takes their combination: ``mean`` (the mixing-weighted mean) or ``shared`` (per weight,
 the receiver's own moment with its component along the ``shared_rank`` input directions the
 neighbourhood's moments have in common replaced by the mean's: the shared signal is synchronised,
-what is the peer's own is kept; see :func:`..galore.joint_directions`). ``none`` is the plain "GaLore clients + averaging" baseline. The lift
-and both combinations are this project's reading of the method (its paper has no public code).
+what is the peer's own is kept; see :func:`..galore.joint_directions`). ``none`` is the plain
+"GaLore clients + averaging" baseline. The lift and both combinations are this project's reading of
+the method (its paper has no public code).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from ..errors import ConfigError
 from ..factors import TensorSpec
-from ..galore import GaLoreSettings, joint_directions, sync_joint
+from ..galore import GaLoreSettings, joint_component, joint_directions, sync_joint
 from ..gossip import weighted_sum
 from .base import Method, MethodContext, PeerState, register
 
@@ -120,7 +121,7 @@ class FedGaLore(Method):
             owns = self._split(peer.moments.lifted())
             peer.moments.receive(torch.cat([sync_joint(own, m, q).reshape(-1) for own, m, q in zip(owns, means, joint)]))
         else:
-            restricted = [((m.double() @ q) @ q.T).to(m.dtype).reshape(-1) for m, q in zip(means, joint)]
+            restricted = [joint_component(m, q).to(m.dtype).reshape(-1) for m, q in zip(means, joint)]
             self.held[peer.peer] = (torch.cat(restricted), torch.cat([q.to(mean.dtype).reshape(-1) for q in joint]))
 
     def _split(self, flat: torch.Tensor, joint: bool = False) -> list[torch.Tensor]:
