@@ -52,13 +52,16 @@ class BankRun:
 
 class LoRABankLinear(nn.Module):
     """A frozen layer plus each row's LoRA path: base(x) + s * B_i A_i dropout(x) for the rows' examples,
-    and, when the layout has dense deltas, + dW_i x (the base weight's own update, no dropout)."""
+    and, when the layout has dense deltas, + dW_i x (the base weight's own update, no dropout).
+
+    ``fan_in_fan_out``: the base stores its weight as (in, out) (a GPT-2 style Conv1D, as peft flags
+    it), so an update of the (out, in) map must be transposed before it is added to that weight."""
 
     def __init__(self, base: nn.Module, a: int, b: int, scaling: float, dropout: nn.Module, run: BankRun,
-                 delta: int | None = None) -> None:
+                 delta: int | None = None, fan_in_fan_out: bool = False) -> None:
         super().__init__()
         self.base, self.a, self.b, self.scaling, self.dropout, self.run = base, a, b, scaling, dropout, run
-        self.delta = delta
+        self.delta, self.fan_in_fan_out = delta, fan_in_fan_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
@@ -220,7 +223,8 @@ def bank_model(peft_model: PeftModel, peers: Sequence[int], task: str, device: t
         key = PEFT_PREFIX + name
         dropout = layer.lora_dropout[ADAPTER]
         bank_layer = LoRABankLinear(layer.get_base_layer(), index[f"{key}.lora_A.weight"], index[f"{key}.lora_B.weight"],
-                                    scalings[name], copy.deepcopy(dropout), run, index.get(f"{name}.weight"))
+                                    scalings[name], copy.deepcopy(dropout), run, index.get(f"{name}.weight"),
+                                    layer.fan_in_fan_out)
         _replace(model, name, bank_layer)
     for name, wrapper in [(n, m) for n, m in model.named_modules() if hasattr(m, "modules_to_save")]:
         _replace(model, name, _bank_head(name, wrapper.modules_to_save[ADAPTER], index, run))

@@ -12,7 +12,7 @@ from .factors import FactorLayout
 from .methods.base import RotationLog
 from .metrics import consensus_distance
 from .mixer import MixOutcome
-from .reduction import Reduce, exact_sum
+from .reduction import Reduce, exact_sums
 
 
 def round_metrics(layout: FactorLayout, client_rows: torch.Tensor, clients: int, mixed: MixOutcome,
@@ -20,10 +20,9 @@ def round_metrics(layout: FactorLayout, client_rows: torch.Tensor, clients: int,
     """consensus_distance(_rel), aggregation_error(_rel), rotation_angle_mean/max, alignment_gain and
     rotational_share of the round (alignment_gain and rotational_share are None where nothing was
     measured: no rotation applied, no edge mixed)."""
-    errors, rows = _column_sums(mixed.errors, 2, reduce)
-    angles, rotated = _column_sums([(a,) for a in rotations.angles], 1, reduce)
-    gains, aligned = _column_sums([(g,) for g in rotations.gains], 1, reduce)
-    shares, edges = _column_sums(mixed.rotational, 2, reduce)
+    (errors, rows), (angles, rotated), (gains, aligned), (shares, edges) = _column_sums(
+        [(mixed.errors, 2), ([(a,) for a in rotations.angles], 1), ([(g,) for g in rotations.gains], 1),
+         (mixed.rotational, 2)], reduce)
     peak = torch.tensor([max(rotations.angles, default=0.0)], dtype=torch.float64)
     reduce(peak, "max")
     distance, relative = consensus_distance(layout, client_rows, clients, reduce)
@@ -39,12 +38,15 @@ def round_metrics(layout: FactorLayout, client_rows: torch.Tensor, clients: int,
     }
 
 
-def _column_sums(rows: list[tuple[float, ...]], width: int, reduce: Reduce) -> tuple[list[float], int]:
-    """Column sums of every process's rows, and how many rows there were in all."""
-    count = torch.tensor([float(len(rows))], dtype=torch.float64)
-    reduce(count, "sum")
-    total = int(count.item())
-    if total == 0:  # the same on every process, so all skip the sum together
-        return [0.0] * width, 0
-    local = torch.tensor(rows, dtype=torch.float64).reshape(-1, width)
-    return exact_sum(local, reduce, total).tolist(), total
+def _column_sums(tables: list[tuple[list[tuple[float, ...]], int]], reduce: Reduce) -> list[tuple[list[float], int]]:
+    """For each (rows, width) table: the column sums of every process's rows and how many rows there
+    were in all; three all-reduces for all the tables together."""
+    counts = torch.tensor([float(len(rows)) for rows, _ in tables], dtype=torch.float64)
+    reduce(counts, "sum")
+    totals = [int(c) for c in counts.tolist()]
+    filled = [k for k, total in enumerate(totals) if total]  # the same on every process, so all skip alike
+    sums = exact_sums([torch.tensor(tables[k][0], dtype=torch.float64).reshape(-1, tables[k][1]) for k in filled],
+                      reduce, [totals[k] for k in filled]) if filled else []
+    columns = dict(zip(filled, sums))
+    return [(columns[k].tolist() if k in columns else [0.0] * width, total)
+            for k, ((_, width), total) in enumerate(zip(tables, totals))]

@@ -34,10 +34,11 @@ class ProcessGroup:
         if not self.runtime.distributed:
             return
         with collective(what, self.timeout_s, self.name, self.runtime.heartbeat):
+            deadline = datetime.timedelta(seconds=self.timeout_s)
             if self.runtime.backend == "gloo":
-                dist.monitored_barrier(timeout=datetime.timedelta(seconds=self.timeout_s), wait_all_ranks=True)
-            else:
-                dist.barrier()
+                dist.monitored_barrier(timeout=deadline, wait_all_ranks=True)
+            else:  # bounded by the message deadline, not by the later watchdog (process_group_timeout)
+                dist.barrier(async_op=True).wait(timeout=deadline)
 
     @contextlib.contextmanager
     def collective(self, what: str) -> Iterator[None]:

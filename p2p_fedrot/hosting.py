@@ -30,6 +30,7 @@ class HostedPeers:
                  clients: list[int], group: int) -> None:
         self.config, self.bank, self.method, self.data, self.group = config, bank, method, data, group
         self.clients = [p for p in bank.peers if p in set(clients)]  # hosted clients (not the server's hub)
+        self.first_client = clients[0]  # of the whole run: where the pooled learner's optimizer state is kept
         self.states = {p: methods.PeerState(p, bank.flat(p)) for p in bank.peers}
         c = config
         if method.pooled_data and self.clients:
@@ -66,6 +67,15 @@ class HostedPeers:
                 self.states[other].flat.copy_(self.states[training[0]].flat)
         announce_phase(round, self.config.rounds, f"process 0 trained {_peers(len(training))}", clock.seconds["train"])
 
+    def follow_rotations(self, rotated: list[tuple[int, list[torch.Tensor]]]) -> None:
+        """Turn the optimizer moments of hosted peers whose own factors mixing rotated (see
+        MixOutcome.rotated), in the order applied, so that their next steps read moments in the new
+        frame; a peer that does not train (the server's hub) has none."""
+        training = set(self.trainer.peers)
+        for peer, rotations in rotated:
+            if peer in training:
+                self.trainer.rotate_moments(peer, rotations)
+
     def evaluate(self, round: int) -> dict[int, tuple[float, float, float, float]]:
         """(accuracy, loss) on the shared test set and on its own test split, per hosted client."""
         since = time.perf_counter()
@@ -83,15 +93,21 @@ class HostedPeers:
     def save(self, folder: Path) -> None:
         """Every hosted peer's buffer and optimizer state into a checkpoint folder."""
         for peer in self.bank.peers:
-            state = self.trainer.optimizer_state(peer) if peer in self.trainer.peers else {}
+            state = self.trainer.optimizer_state(peer) if self.keeps_optimizer_state(peer) else {}
             checkpoint.save_peer(folder, peer, self.states[peer].flat, state)
 
-    def restore(self, found: checkpoint.Checkpoint, first_client: int) -> None:
+    def keeps_optimizer_state(self, peer: int) -> bool:
+        """Whether ``peer``'s checkpoint file holds an optimizer state: every training peer's, but the
+        pooled learner's only once, under the first client, so that the files are the same bits
+        whichever process trains a copy of it."""
+        return peer in self.trainer.peers and (not self.method.pooled_data or peer == self.first_client)
+
+    def restore(self, found: checkpoint.Checkpoint) -> None:
         """Load buffers and optimizer states (the pooled learner's from the first client's file)."""
         for peer in self.bank.peers:
             self.states[peer].flat.copy_(found.peer(peer)["flat"])
         for peer in self.trainer.peers:
-            source = first_client if self.method.pooled_data else peer
+            source = self.first_client if self.method.pooled_data else peer
             self.trainer.load_optimizer_state(peer, found.peer(source), str(checkpoint.peer_file(found.folder, source)))
 
     def peer_state_bytes(self) -> int:

@@ -1,6 +1,7 @@
-"""File output and input: writes are atomic, so a crash mid-write never leaves a truncated metrics,
-config or summary file; JSON is strict (non-finite numbers become null), and a damaged file read
-back is named in the error."""
+"""File output and input: whole files (config, summary, checkpoints) are written atomically, so a
+crash never leaves one truncated; metrics.jsonl grows a line at a time, so a run killed mid-write
+can leave its last line torn, which readers leave out. JSON is strict (non-finite numbers become
+null), and any other damage read back is an error that names the file."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +68,32 @@ def read_json(path: str | os.PathLike) -> Any:
     return _parse(Path(path), Path(path).read_text(encoding="utf-8"), "")
 
 
-def read_jsonl(path: str | os.PathLike) -> list[Any]:
-    """One JSON object per non-empty line; a damaged line is an error that names the file and line."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [_parse(Path(path), line, f" line {n}") for n, line in enumerate(lines, 1) if line.strip()]
+@dataclass(frozen=True)
+class JsonLines:
+    """The records of a JSON-lines file, and whether its torn last line was left out."""
+
+    records: list[Any]
+    torn: bool
+
+
+def read_jsonl(path: str | os.PathLike) -> JsonLines:
+    """One JSON value per non-empty line. :class:`JsonlWriter` appends each line with one write, so
+    a kill can tear only the last: one that lacks its newline or is not valid JSON is left out. A
+    damaged line before it is an error that names the file and line."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").split("\n")
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    torn = bool(numbered) and (numbered[-1][0] == len(lines) or not _is_json(numbered[-1][1]))
+    complete = numbered[:-1] if torn else numbered
+    return JsonLines([_parse(path, line, f" line {n}") for n, line in complete], torn)
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def _parse(path: Path, text: str, where: str) -> Any:

@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .factors import FactorLayout, TensorSpec
-from .reduction import FixedPointSum, Reduce, exact_sum, global_peaks
+from .reduction import FixedPointSum, Reduce, exact_sums, global_peaks, totals
 
 CHUNK_BYTES = 64 * 2**20  # dense products of one chunk of hosted peers
 
@@ -86,10 +86,12 @@ def consensus_distance(layout: FactorLayout, flats: torch.Tensor, total: int, re
     D a scale (0: consensus; about 1: the peers' updates are as far apart as they are large; 0 when S is).
 
     ``flats`` (k, numel) holds this process's hosted peers (k may be 0; the process still takes part
-    in every reduce, all processes in the same order). Two passes per module, so close peers lose
-    nothing to cancellation: the exact sum of the products gives the mean, then each hosted peer's
-    squared distance to it; the per-peer distances and norms are summed exactly too. Products are
-    float64, one module and one chunk of peers (``CHUNK_BYTES``) at a time. The mean is off by at most
+    in every reduce, all processes in the same order). Two passes, so close peers lose nothing to
+    cancellation: the exact sums of the products give the means, then each hosted peer's squared
+    distance to them; the per-peer distances and norms are summed exactly too. Products are float64,
+    one module and one chunk of peers (``CHUNK_BYTES``) at a time; every module's int64 sum is kept
+    between the passes, so that one all-reduce combines them all (five in all, whatever the number
+    of modules). The mean is off by at most
     about 2^-(62 - log2 N - log2 r) of the largest product entry (see :mod:`.reduction`).
     """
     k, device = flats.shape[0], flats.device
@@ -98,22 +100,27 @@ def consensus_distance(layout: FactorLayout, flats: torch.Tensor, total: int, re
     local = torch.stack([_update_bound(a, b, s, d) for a, b, s, d in modules])
     distances = torch.zeros(k, dtype=torch.float64, device=device)
     norms = torch.zeros(k, dtype=torch.float64, device=device)
+    sums = []
     for (a, b, scaling, delta), peak in zip(modules, global_peaks(local, reduce)):
-        shape = (b.shape[1], a.shape[2])
-        chunk = max(1, CHUNK_BYTES // (8 * shape[0] * shape[1]))
-        blocks = [slice(lo, lo + chunk) for lo in range(0, k, chunk)]
-        summed = FixedPointSum(peak, total, shape, device)
-        for block in blocks:
+        summed = FixedPointSum(peak, total, (b.shape[1], a.shape[2]), device)
+        for block in _blocks(k, summed.shape):
             products = _updates(a[block], b[block], scaling, None if delta is None else delta[block])
             summed.add(products)
             norms[block] += _pairwise_sum_(products.square_().flatten(1))  # in place: the sum has its copy
-        mean = summed.total(reduce) / total
-        for block in blocks:
+        sums.append(summed)
+    for (a, b, scaling, delta), summed in zip(modules, totals(sums, reduce)):  # every module's sum at once
+        mean = summed / total
+        for block in _blocks(k, mean.shape):
             gap = _updates(a[block], b[block], scaling, None if delta is None else delta[block]).sub_(mean)
             distances[block] += _pairwise_sum_(gap.square_().flatten(1))
-    distance = float(exact_sum(distances, reduce, total)) / total
-    scale = float(exact_sum(norms, reduce, total)) / total
+    distance, scale = (float(x) / total for x in exact_sums([distances, norms], reduce, [total, total]))
     return distance, distance / scale if scale > 0 else 0.0
+
+
+def _blocks(peers: int, shape: tuple[int, ...]) -> list[slice]:
+    """Slices of the hosted peers whose float64 products of ``shape`` fit in ``CHUNK_BYTES``."""
+    chunk = max(1, CHUNK_BYTES // (8 * shape[0] * shape[1]))
+    return [slice(lo, lo + chunk) for lo in range(0, peers, chunk)]
 
 
 def _row_norms2(a_spec: TensorSpec, b_spec: TensorSpec, row: Sequence[tuple[float, torch.Tensor]],

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from scipy import sparse
 
 from .config import CommConfig
 from .factors import FactorLayout
@@ -31,6 +32,26 @@ class MixOutcome:
     dropped: list[dict] = field(default_factory=list)
     errors: list[tuple[float, float]] = field(default_factory=list)
     rotational: list[tuple[float, float]] = field(default_factory=list)  # (removed, total) per measured edge
+    # (peer, one r x r R per module) for each hosted receiver whose own factors the method rotated, in
+    # the order applied: its optimizer moments must follow (HostedPeers.follow_rotations)
+    rotated: list[tuple[int, list[torch.Tensor]]] = field(default_factory=list)
+
+    @property
+    def refused(self) -> list[tuple[int, int]]:
+        """(sender, receiver) of every payload this process's peers refused this round."""
+        return [(bad["sender"], bad["receiver"]) for bad in self.dropped]
+
+
+def row_senders(W: sparse.csr_array, i: int, refused: set[tuple[int, int]]) -> list[int]:
+    """Whose payloads row i mixes, in the order of its inputs: by ascending sender, itself included,
+    without those it refused."""
+    return [j for j, _ in row_entries(W, i) if (j, i) not in refused]
+
+
+def own_input(W: sparse.csr_array, i: int, refused: set[tuple[int, int]]) -> int | None:
+    """Where row i's own payload sits among its mix inputs; None where the row does not read it."""
+    senders = row_senders(W, i, refused)
+    return senders.index(i) if i in senders else None
 
 
 class Mixer:
@@ -64,9 +85,12 @@ class Mixer:
             before = {i: states[i].flat.clone() for i in sent}
             since = clock.add("eval", since)  # what the error metric needs is not the exchange's cost
             # every row's inputs are read before any row is written: local inputs are views of buffers
-            updates = {i: self.method.combine(states[i], round, inputs) for i, inputs in mixes.items()}
-            for i, value in updates.items():
-                self.layout.insert(states[i].flat, parts, value)
+            updates = {i: self.method.combine_row(states[i], round, inputs, own_input(W, i, refused))
+                       for i, inputs in mixes.items()}
+            for i, combined in updates.items():
+                self.layout.insert(states[i].flat, parts, combined.value)
+                if combined.rotations is not None:
+                    outcome.rotated.append((i, combined.rotations))
             since = clock.add("exchange", since)
             self.measure(sent, before, states, outcome)
             clock.add("eval", since)
@@ -84,14 +108,20 @@ class Mixer:
     def sent_buffers(self, round: int, k: int, W, states: dict[int, PeerState], mixes: dict[int, MixInputs],
                      parts: frozenset[str], refused: set[tuple[int, int]]) -> dict[int, list[tuple[int, float, torch.Tensor]]]:
         """For each row that mixes several inputs, its (j, W_ij, buffer of j as sent) triples: the
-        payloads themselves (copied) when they are whole buffers, else whole buffers fetched over the probe."""
+        payloads themselves (copied) when they are whole buffers, else whole buffers fetched over the probe.
+
+        Whether the probe runs is decided from W and the method alone, the same on every process: a
+        process with no mixing row of its own (the server's clients in the up step) must still send the
+        buffers that another process's rows measure, or that process waits for them to the deadline."""
         rows = {i: inputs for i, inputs in mixes.items() if len(inputs) > 1}
-        senders = {i: [j for j, _ in row_entries(W, i) if (j, i) not in refused] for i in rows}
-        whole = parts == ALL_PARTS and all(x.numel() == self.layout.numel for inputs in rows.values() for _, x in inputs)
-        if whole or not rows:  # copies: mixing then overwrites the buffers that local inputs view
+        senders = {i: row_senders(W, i, refused) for i in rows}
+        routes = routes_of(W)
+        whole = parts == ALL_PARTS and all(self.method.payload_numel(round, k, src) == self.layout.numel
+                                           for src, _ in routes)
+        if whole or not routes:  # copies: mixing then overwrites the buffers that local inputs view
             return {i: [(j, w, x.clone()) for j, (w, x) in zip(senders[i], inputs)] for i, inputs in rows.items()}
         buffers = {p: s.flat.clone() for p, s in states.items()}
-        received = self.probe.exchange(buffers, routes_of(W), numel_of=lambda src: self.layout.numel,
+        received = self.probe.exchange(buffers, routes, numel_of=lambda src: self.layout.numel,
                                        step=f"round {round} step {k} (metrics)", tag=(round, -1 - k))
         received.update(buffers)
         return {i: [(j, w, received[j]) for j, (w, _) in zip(senders[i], inputs)] for i, inputs in rows.items()}

@@ -250,9 +250,23 @@ def build_bank(config: ModelConfig, peers: list[int], input_dim: int, num_classe
             f"model.lora.r={config.lora.r} exceeds the smallest adapted layer width ({smallest}); "
             f"choose a rank <= {smallest}"
         )
+    if dense_deltas:
+        _require_out_in_weights(config, model)
     bank = bank_model(model, peers, task, device, dense_deltas)
     initialise_factors(bank, config.lora.init, seed)
     return bank
+
+
+def _require_out_in_weights(config: ModelConfig, model: nn.Module) -> None:
+    """Dense deltas are (out, in) updates, saved under the name of the weight they add to: a layer that
+    stores its weight as (in, out) (a GPT-2 style Conv1D) would apply them transposed, or fail on them."""
+    for name, layer in model.base_model.model.named_modules():
+        if isinstance(layer, LoraLayer) and getattr(layer, "fan_in_fan_out", False):
+            raise ConfigError(
+                f"model.name={config.name!r}: layer {name} stores its weight as (in, out) (a Conv1D), which the "
+                "dense (out, in) deltas of this method cannot update; set model.lora.target_modules to linear "
+                "layers, or choose a method without dense deltas"
+            )
 
 
 def initialise_factors(bank: PeerBank, mode: str, seed: int) -> None:

@@ -44,10 +44,15 @@ class StartPlan:
     def bytes_total(self) -> int:
         return self.checkpoint.meta.get("bytes_total", 0) if self.checkpoint else 0
 
+    @property
+    def wire_bytes_total(self) -> int:
+        return self.checkpoint.meta.get("wire_bytes_total", 0) if self.checkpoint else 0
+
 
 def plan_start(config: RunConfig) -> StartPlan:
     """Decide from the files in ``out`` how this run starts (the same answer on every process)."""
     out, wanted = Path(config.out), config.to_dict()
+    _require_folder_path(out)
     found = checkpoint.latest(out)
     # torchrun restarts crashed workers with the same arguments: overwrite and resume: false apply to
     # the launch, not to each restart, which must go on from what this launch has checkpointed
@@ -71,6 +76,15 @@ def plan_start(config: RunConfig) -> StartPlan:
     if earlier.is_file() and any((out / name).exists() for name in (ADAPTERS, METRICS, SUMMARY)):
         _require_same_run(wanted, _read_config(earlier), f"the outputs in {out}")
     return StartPlan(0)
+
+
+def _require_folder_path(out: Path) -> None:
+    """Name a file standing where ``out`` or one of its parents must be a folder, before anything is
+    written (creating the folder would only say 'Not a directory' or 'File exists')."""
+    for part in (out, *out.parents):
+        if part.exists() and not part.is_dir():
+            raise ConfigError(f"out={out} cannot be a folder: {part} is a file; move that file away, or set out to "
+                              "another path")
 
 
 def _require_same_run(wanted: dict[str, Any], found: dict[str, Any], what: str) -> None:
@@ -102,7 +116,9 @@ def prepare(config: RunConfig, topology_record: dict, first_round: int) -> Jsonl
             shutil.rmtree(folder, ignore_errors=True)
         (out / SUMMARY).unlink(missing_ok=True)
         return JsonlWriter(metrics)
-    kept = [record for record in read_jsonl(metrics) if record["round"] < first_round] if metrics.is_file() else []
+    # a torn last line (a write the stopped run did not finish) goes too: its round is computed again
+    records = read_jsonl(metrics).records if metrics.is_file() else []
+    kept = [record for record in records if record["round"] < first_round]
     atomic_write_text(metrics, "".join(to_json(record) + "\n" for record in kept))
     return JsonlWriter(metrics, append=True)
 
@@ -110,5 +126,5 @@ def prepare(config: RunConfig, topology_record: dict, first_round: int) -> Jsonl
 def last_record(out: Path) -> dict:
     """The newest round's metrics already on disk (a run that only finishes computes none)."""
     metrics = out / METRICS
-    records = read_jsonl(metrics) if metrics.is_file() else []
+    records = read_jsonl(metrics).records if metrics.is_file() else []
     return records[-1] if records else {}

@@ -71,20 +71,47 @@ class FixedPointSum:
 
     def total(self, reduce: Reduce) -> torch.Tensor:
         """The sum over every process's summands, float64 of shape ``shape``."""
+        return totals([self], reduce)[0]
+
+    def _result(self) -> torch.Tensor:
+        """The total from the accumulator once it holds every process's part."""
         if self.peak == 0:
             return torch.zeros(self.shape, dtype=torch.float64, device=self.acc.device)
-        reduce(self.acc, "sum")
         if not self.finite:
             return self.acc[0].expand(self.shape).clone()
         return _times_power_of_two(self.acc.double(), -self.shift)
 
 
+def totals(sums: Sequence[FixedPointSum], reduce: Reduce) -> list[torch.Tensor]:
+    """:meth:`FixedPointSum.total` of several accumulators in one all-reduce of their concatenation
+    (a second one only for non-finite summands, which accumulate in float64): each keeps its own
+    quantum and integer sums do not mix, so every total has the bits it would have alone, for one
+    synchronisation instead of one per accumulator. Every process passes the same sequence."""
+    for finite in (True, False):
+        live = [s for s in sums if s.peak != 0 and s.finite == finite]
+        if not live:  # peaks are global, so every process skips the same reduces
+            continue
+        flat = torch.cat([s.acc.flatten() for s in live])
+        reduce(flat, "sum")
+        for s, piece in zip(live, flat.split([s.acc.numel() for s in live])):
+            s.acc = piece.view(s.acc.shape)
+    return [s._result() for s in sums]
+
+
 def exact_sum(summands: torch.Tensor, reduce: Reduce, count: int) -> torch.Tensor:
     """Sum over dim 0 of every process's ``summands`` (k, ...), k possibly 0; ``count`` is the total
     number of summands over all processes. float64, bit-identical whatever the split and order."""
-    x = summands.double()
-    local = x.abs().amax() if x.numel() else x.new_zeros(())
-    (peak,) = global_peaks(local.reshape(1), reduce)
-    accumulator = FixedPointSum(peak, count, x.shape[1:], x.device)
-    accumulator.add(x)
-    return accumulator.total(reduce)
+    return exact_sums([summands], reduce, [count])[0]
+
+
+def exact_sums(summands: Sequence[torch.Tensor], reduce: Reduce, counts: Sequence[int]) -> list[torch.Tensor]:
+    """:func:`exact_sum` of several tensors with two all-reduces in all (their peaks, then their
+    totals); each result has the bits it would have alone."""
+    xs = [x.double() for x in summands]
+    local = torch.stack([x.abs().amax() if x.numel() else x.new_zeros(()) for x in xs])
+    accumulators = []
+    for x, peak, count in zip(xs, global_peaks(local, reduce), counts):
+        accumulator = FixedPointSum(peak, count, x.shape[1:], x.device)
+        accumulator.add(x)
+        accumulators.append(accumulator)
+    return totals(accumulators, reduce)

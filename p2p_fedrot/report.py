@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -42,9 +43,13 @@ def load_run(run_dir: str | os.PathLike) -> dict:
             f"{folder} is not a finished run folder (missing {', '.join(missing)}); "
             "pass folders written by `p2p-fedrot run`"
         )
+    metrics = read_jsonl(folder / "metrics.jsonl")
+    if metrics.torn:
+        print(f"p2p-fedrot: note: ignored the torn last line of {folder / 'metrics.jsonl'} (a write that a killed "
+              "run did not finish); the report uses the complete lines before it", file=sys.stderr)
     return {
         "folder": folder,
-        "metrics": read_jsonl(folder / "metrics.jsonl"),
+        "metrics": metrics.records,
         "summary": read_json(folder / "summary.json"),
         "config": yaml.safe_load((folder / "config.yaml").read_text()),
         "topology": read_json(folder / "topology.json"),
@@ -123,6 +128,14 @@ def _last(run: dict, key: str) -> float | None:
     return run["metrics"][-1].get(key) if run["metrics"] else None
 
 
+def effective_gap(run: dict) -> float | None:
+    """The run's spectral gap per round: that of its mean W over rounds, which for a time-varying
+    graph is far from round 0's (a single random matching has gap 0). topology.json files from
+    before that field hold round 0's alone, which is then used."""
+    topology = run["topology"]
+    return topology.get("spectral_gap_of_mean_W", topology.get("spectral_gap"))
+
+
 def group_stats(group: Group) -> dict[str, Any]:
     """A group's final numbers as {name: {"mean", "std", "n"}}, plus what identifies it."""
     measures = {
@@ -132,7 +145,7 @@ def group_stats(group: Group) -> dict[str, Any]:
         "aggregation_error_rel": [_last(r, "aggregation_error_rel") for r in group.runs],
         "mb_sent": [r["summary"]["bytes_sent_total"] / 1e6 for r in group.runs],
         "wall_time_s": [r["summary"].get("wall_time_s") for r in group.runs],
-        "spectral_gap": [r["topology"].get("spectral_gap") for r in group.runs],
+        "spectral_gap": [effective_gap(r) for r in group.runs],
     }
     stats = {name: dict(zip(("mean", "std", "n"), mean_std(values))) for name, values in measures.items()}
     return {"label": group.label, "topology": group.topology, "method": group.method,
@@ -204,7 +217,8 @@ def plot_per_round(groups: list[Group], key: str, ylabel: str, path: Path, log: 
         axes.fill_between(rounds, [v if v > 0 or not log else math.nan for v in low], high, color=colour,
                           alpha=0.15, linewidth=0)
         if prediction and shown:
-            _plot_prediction(axes, group, rounds, means, 0.1 * min(shown), colour)
+            predicted = predicted_decay(group, rounds, means, 0.1 * min(shown))
+            axes.plot([r for r, _ in predicted], [v for _, v in predicted], linestyle="--", linewidth=1, color=colour)
     if prediction:
         axes.plot([], [], linestyle="--", color="grey", label="mixing alone: first value x rho^(2t)")
     if log:
@@ -217,17 +231,16 @@ def plot_per_round(groups: list[Group], key: str, ylabel: str, path: Path, log: 
     atomic_write_png(figure, path)
 
 
-def _plot_prediction(axes, group: Group, rounds: list[int], means: list[float], floor: float, colour) -> None:
-    """The decay the mixing matrix alone gives from the group's first plotted value, down to ``floor``
-    (none for exact averaging in one round, rho = 0)."""
-    gap = mean_std(r["topology"].get("spectral_gap") for r in group.runs)[0]
+def predicted_decay(group: Group, rounds: list[int], means: list[float], floor: float) -> list[tuple[int, float]]:
+    """(round, value) of the decay rho^(2t) that the mixing matrix alone gives from the group's first
+    plotted value, down to ``floor`` (none for exact averaging in one round, rho = 0)."""
+    gap = mean_std(effective_gap(r) for r in group.runs)[0]
     start = next((k for k, m in enumerate(means) if math.isfinite(m)), None)
     if gap is None or start is None or gap >= 1.0:
-        return
+        return []
     rho, first = 1.0 - gap, rounds[start]
     predicted = [(r, means[start] * rho ** (2 * (r - first))) for r in rounds[start:]]
-    predicted = [(r, v) for r, v in predicted if v >= floor]
-    axes.plot([r for r, _ in predicted], [v for _, v in predicted], linestyle="--", linewidth=1, color=colour)
+    return [(r, v) for r, v in predicted if v >= floor]
 
 
 def _colours(count: int) -> list:
@@ -290,7 +303,7 @@ def write_report(run_dirs: list[str], out: str | os.PathLike) -> Path:
     if drifting:
         plot_per_round(groups, consensus_key, consensus_key.replace("_", " "), folder / "consensus.png", log=True,
                        prediction=True)
-    plot_final_against(stats, "spectral_gap", "spectral gap 1 - rho of the mixing matrix",
+    plot_final_against(stats, "spectral_gap", "spectral gap 1 - rho of the mixing matrix (mean over rounds)",
                        folder / "accuracy_vs_gap.png")
     plot_final_against(stats, "mb_sent", "MB sent in the run (all peers)", folder / "accuracy_vs_bytes.png")
     plots = ["accuracy", *(["consensus"] if drifting else []), "accuracy_vs_gap", "accuracy_vs_bytes"]
@@ -307,7 +320,9 @@ def write_report(run_dirs: list[str], out: str | os.PathLike) -> Path:
     text = ("# p2p_fedrot report\n\n"
             f"{len(groups)} group(s) of runs that differ only in their seed; mean +/- sample std over the "
             f"n seeds of each ({', '.join(map(str, seeds))}). Final values are those of the last evaluated "
-            "round.\n\n" + summary_table(stats) + "\n" + notes)
+            "round. The spectral gap is that of the mixing matrix averaged over rounds, which for a time-varying "
+            "graph differs from any one round's (runs recorded before this average show round 0's).\n\n"
+            + summary_table(stats) + "\n" + notes)
     text += "\n\n".join(f"![{name.replace('_', ' ')}]({name}.png)" for name in plots) + "\n"
     atomic_write_json(folder / "summary.json", {"groups": stats})
     atomic_write_text(folder / "summary.md", text)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from .mixer import Mixer, MixOutcome
 from .model import CAUSAL_LM, build_bank, load_tokenizer, task_of
 from .outputs import StartPlan
 from .records import RoundClock, print_progress, round_float, round_record
-from .runtime import Runtime, agree, init_runtime, launch_id, plain_process_name
+from .runtime import Runtime, agree, init_runtime, launch_id, plain_process_name, usable_cores
 from .schedule import MixingSchedule
 from .topology import build_topology, edge_pairs
 from .training import peers_per_forward
@@ -44,18 +44,24 @@ VERSIONED = ("torch", "transformers", "peft", "p2p_fedrot")  # packages whose ve
 def run(config: RunConfig) -> dict:
     """Run a whole experiment in this process (one of P under torchrun); returns the summary."""
     runtime = init_runtime(config.comm.backend, config.comm.timeout_s)
-    torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // runtime.local_world))
     try:
-        # before any work: a process launched with other settings must stop everyone at once
-        name = Placement(config.peers, runtime.world, runtime.rank).process_name \
-            if config.peers % runtime.world == 0 else plain_process_name
-        agree(runtime, startup_header(config), "the configuration and package versions", config.comm.timeout_s, name)
-        return Experiment(config, runtime).run()
+        return run_in(runtime, config)
     finally:
         if runtime.heartbeat is not None:
             runtime.heartbeat.stop()
         if runtime.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def run_in(runtime: Runtime, config: RunConfig) -> dict:
+    """Run one experiment on a launch whose process group is already formed: a launch that runs
+    several experiments in turn (the run matrix) joins the group once."""
+    torch.set_num_threads(config.threads or max(1, usable_cores() // runtime.local_world))
+    # before any work: a process launched with other settings must stop everyone at once
+    name = Placement(config.peers, runtime.world, runtime.rank).process_name \
+        if config.peers % runtime.world == 0 else plain_process_name
+    agree(runtime, startup_header(config), "the configuration and package versions", config.comm.timeout_s, name)
+    return Experiment(config, runtime).run()
 
 
 def startup_header(config: RunConfig) -> dict[str, str]:
@@ -106,6 +112,7 @@ class Experiment:
         self.dropped: list[dict] = []  # payloads refused since the last evaluated round (on_bad_payload: drop)
         self.out = Path(config.out)
         self.bytes_total = 0
+        self.wire_bytes_before = 0  # sent over the wire by all processes before the checkpoint resumed from
         agree(runtime, self.build_header(), "the model, data split and graph", config.comm.timeout_s,
               self.placement.process_name)
 
@@ -135,7 +142,9 @@ class Experiment:
                 evaluate_now = (round + 1) % self.config.eval.every == 0 or round == self.config.rounds - 1
                 self.hosted.train(round, self.schedule.present_at(round), clock)
                 mixed = self.mixer.mix(round, self.hosted.states, clock, measure=evaluate_now)
+                self.hosted.follow_rotations(mixed.rotated)
                 self.dropped += mixed.dropped
+                self.method.settle(round, mixed.refused, partial(self.group.reduce, what="settling the round's mixing"))
                 sent = self.mixer.round_bytes(round, self.bank.flats.element_size())
                 self.bytes_total += sent
                 record = self.evaluate(round, clock, mixed, sent, time.perf_counter() - start) if evaluate_now else None
@@ -203,10 +212,11 @@ class Experiment:
         # payloads refused since the last record belong to the next one, even after a resume
         dropped = [d for process_dropped in self.group.gather_objects(self.dropped, "gathering refused payloads")
                    for d in process_dropped]
+        wire_bytes = self.wire_bytes_total()
         self.group.arrive("writing the checkpoint")
         if self.runtime.rank == 0:
-            meta = {"bytes_total": self.bytes_total, "elapsed_s": elapsed, "config": self.config.to_dict(),
-                    "dropped": dropped, "launch": launch_id()}
+            meta = {"bytes_total": self.bytes_total, "wire_bytes_total": wire_bytes, "elapsed_s": elapsed,
+                    "config": self.config.to_dict(), "dropped": dropped, "launch": launch_id()}
             checkpoint.commit(self.out, round, meta)
 
     def restore(self, plan: StartPlan) -> None:
@@ -214,11 +224,19 @@ class Experiment:
         found = plan.checkpoint
         if found is None:
             return
-        self.hosted.restore(found, self.clients[0])
+        self.hosted.restore(found)
         self.method.load_state_tensors(found.shared())
         self.bytes_total = plan.bytes_total
+        self.wire_bytes_before = plan.wire_bytes_total
         if self.runtime.rank == 0:  # process 0 assembles the records, so it carries the earlier drops
             self.dropped = list(found.meta.get("dropped", []))
+
+    def wire_bytes_total(self) -> int:
+        """Bytes all processes sent over the wire in the whole run, the part before a resume included
+        (every process must call it: it sums over them)."""
+        wire = torch.tensor([float(self.mixer.transport.wire_bytes)], dtype=torch.float64)
+        self.group.reduce(wire, "sum", "summing wire bytes")
+        return self.wire_bytes_before + int(wire.item())
 
     # ------------------------------------------------------------------ outputs
     def finish(self, last: dict, wall: float) -> dict:
@@ -226,8 +244,7 @@ class Experiment:
         adapters = self.out / outputs.ADAPTERS
         self.hosted.save_adapters(adapters)
         consensus = self.method.consensus(self.hosted.client_rows(), len(self.clients), self.group.reduce)
-        wire = torch.tensor([float(self.mixer.transport.wire_bytes)], dtype=torch.float64)
-        self.group.reduce(wire, "sum", "summing wire bytes")
+        wire_bytes = self.wire_bytes_total()
         if self.runtime.rank != 0:
             return {}
         save_consensus_adapter(self.bank, consensus.float(), adapters)
@@ -246,7 +263,7 @@ class Experiment:
                                                       self.bank.flats.element_size()),
             "peer_state_bytes": self.hosted.peer_state_bytes(),
             "bytes_sent_total": self.bytes_total,
-            "wire_bytes_total": int(wire.item()),
+            "wire_bytes_total": wire_bytes,
             "final_mean_accuracy": last.get("mean_accuracy"),
             "final_min_accuracy": last.get("min_accuracy"),
             "final_consensus_distance": last.get("consensus_distance"),

@@ -24,6 +24,7 @@ from .errors import ConfigError, PeerError
 BOOTSTRAP_KEY = "p2p_fedrot/store"  # where process 0 publishes the address of this attempt's store
 PROBE_TIMEOUT_S = 3.0  # how long to try one published store address before reading it again
 HEARTBEAT_S = 1.0  # seconds between two heartbeats of a process
+NCCL_BACKSTOP = 3.0  # NCCL's watchdog timeout, in message deadlines (see process_group_timeout)
 
 
 class Heartbeat:
@@ -149,6 +150,14 @@ def finish_the_report_first() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask under taskset, cgroups or a batch
+    scheduler), not all the machine's cores."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def init_runtime(backend: str = "auto", timeout_s: float = 300.0) -> Runtime:
     """Join the torchrun process group if launched by torchrun, else run as one process.
 
@@ -182,10 +191,19 @@ def init_runtime(backend: str = "auto", timeout_s: float = 300.0) -> Runtime:
         store = attempt_store(rank, world, timeout_s) if torchrun_shares_its_store() else own_store(rank, world, timeout)
         if not dist.is_initialized():
             kwargs = {"device_id": device} if backend == "nccl" else {}
-            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                    timeout=process_group_timeout(backend, timeout_s), **kwargs)
         runtime = Runtime(rank, world, local_rank, local_world, device, backend, Heartbeat(store, rank, world))
         dist.all_reduce(torch.ones(1, device=runtime.wire_device))  # warm-up: NCCL builds its communicator here
     return runtime
+
+
+def process_group_timeout(backend: str, timeout_s: float) -> datetime.timedelta:
+    """The process group's own timeout. NCCL's watchdog aborts the process when it expires, so it is
+    set past the message deadline (a backstop): a peer that stays silent is then named by the
+    exchange's or the barrier's own deadline first, and a slow collective is not mistaken for a dead
+    peer. Gloo raises an ordinary error instead, which the deadline's wording already classifies."""
+    return datetime.timedelta(seconds=timeout_s * (NCCL_BACKSTOP if backend == "nccl" else 1.0))
 
 
 def own_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:

@@ -27,6 +27,7 @@ from .io import read_json
 from .methods import available_methods
 from .topology import build_topology
 from .outputs import CONFIG, SUMMARY
+from .runtime import usable_cores
 
 LOGS = "logs"  # OUT/logs/<cell>_seed<k>.log: each run's own output
 
@@ -156,7 +157,7 @@ def default_threads(runs: Sequence[PlannedRun], jobs: int, nproc: int) -> int | 
     """Split the cores between the runs that go at once, unless the config sets threads itself."""
     if any(run.config.threads for run in runs):
         return None
-    return max(1, (os.cpu_count() or 1) // (jobs * nproc))
+    return max(1, usable_cores() // (jobs * nproc))
 
 
 def run_sweep(runs: Sequence[PlannedRun], config_file: str, out: Path, jobs: int = 1, nproc: int = 1,

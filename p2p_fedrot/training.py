@@ -131,6 +131,22 @@ class LossScale:
                                         self.scale[index] / 2)
         self.good[index[grow]] = 0
 
+    def state_of(self, row: int) -> dict[str, torch.Tensor]:
+        """A row's scale and run of good steps, checkpointed with its optimizer: a resumed fp16 run
+        must skip the same steps as an uninterrupted one."""
+        if not self.enabled:
+            return {}
+        return {"loss_scale.scale": self.scale[row].clone(), "loss_scale.good": self.good[row].clone()}
+
+    def load(self, row: int, state: dict[str, torch.Tensor], where: str) -> None:
+        """Restore a row from its checkpoint file (``where`` names it in errors)."""
+        if not self.enabled:
+            return
+        if "loss_scale.scale" not in state or "loss_scale.good" not in state:
+            raise ConfigError(f"{where} holds no fp16 loss scale: it was written by an older version of p2p_fedrot; "
+                              "start afresh with --overwrite or another out")
+        self.scale[row], self.good[row] = state["loss_scale.scale"], state["loss_scale.good"]
+
 
 class BankTrainer:
     """Runs the local steps of the hosted peers that train, with each peer's own optimizer.
@@ -213,7 +229,8 @@ class BankTrainer:
         return data.subset(torch.randperm(len(data), generator=generator)[: self.config.batch_size])
 
     def rotate_moments(self, peer: int, rotations: list[torch.Tensor]) -> None:
-        """The peer's factors were rotated (see Method.before_send): rotate its optimizer's first moment too."""
+        """The peer's factors were rotated (see Method.before_send and Combined): rotate its optimizer's
+        first moment too."""
         self.optimizers.rotate(self.bank.row_of[peer], rotations)
 
     def second_moments(self, peer: int) -> LiftedMoments | None:
@@ -222,10 +239,14 @@ class BankTrainer:
         return LiftedMoments(dense, self.bank.row_of[peer]) if dense is not None else None
 
     def optimizer_state(self, peer: int) -> dict[str, torch.Tensor]:
-        return self.optimizers.state_of(self.bank.row_of[peer])
+        """The peer's optimizer state and, in fp16, its loss scale."""
+        row = self.bank.row_of[peer]
+        return {**self.optimizers.state_of(row), **self.scales.state_of(row)}
 
     def load_optimizer_state(self, peer: int, state: dict[str, torch.Tensor], where: str) -> None:
-        self.optimizers.load(self.bank.row_of[peer], state, where)
+        row = self.bank.row_of[peer]
+        self.optimizers.load(row, state, where)
+        self.scales.load(row, state, where)
 
 
 @dataclass

@@ -2,15 +2,16 @@
 
 N logical peers live on P processes (contiguous blocks: peer i on process i // (N/P)). A gossip step
 is a set of directed routes (src -> dst). For every pair of processes that share a route, the
-sender concatenates the payloads of its source peers into ONE contiguous message, and all messages
-of the step are posted together in a single ``batch_isend_irecv``. Every wait has a deadline; a
-neighbour that stays silent, dies or sends a malformed message ends the run with one line that
-names it.
+sender sends ONE framed message: a small header, then the payloads of its source peers in peer
+order, each posted as it lies in memory (no copy into a message buffer: on large payloads that
+copy cost more than the send). All messages of the step are posted together in a single
+``batch_isend_irecv``. Every wait has a deadline; a neighbour that stays silent, dies or sends a
+malformed message ends the run with one line that names it.
 
-Each message starts with a small header (magic, round, step, and the size of every payload in
-it) and always has the length the receiver expects (a short payload is padded): the receiver
-reads the sizes the sender declared instead of trusting the buffer (Gloo would accept a shorter
-message into a longer buffer without a word, and NCCL needs equal lengths on both ends).
+The header holds magic, round, step and the size of every payload in the message, and every
+payload has the length the receiver expects (a short payload is padded): the receiver reads the
+sizes the sender declared instead of trusting the buffer (Gloo would accept a shorter message into
+a longer buffer without a word, and NCCL needs equal lengths on both ends).
 """
 
 from __future__ import annotations
@@ -110,51 +111,49 @@ class Transport:
         for process in sorted(set(send_to) | set(recv_from)):
             if process in send_to:
                 sources = sorted(send_to[process])
-                sizes = [payloads[s].numel() for s in sources]
-                # a short payload (the truncate drill) is padded to the length the receiver posted:
-                # NCCL needs equal counts on both ends; the header keeps the true sizes
-                padding = max(sum(numel_of(s) for s in sources) - sum(sizes), 0)
-                device = payloads[sources[0]].device
-                message = torch.cat([frame_header(tag, sizes, dtype).to(device), *(payloads[s] for s in sources),
-                                     torch.zeros(padding, dtype=dtype, device=device)]).to(self.wire_device)
-                ops.append(dist.P2POp(dist.isend, message, process))
-                targets.append(process)
-                self.wire_bytes += message.numel() * message.element_size()
+                # the header, then each payload as it is (no copy into one buffer); a short payload
+                # (the truncate drill) is padded to the length its receiver posted: NCCL needs equal
+                # counts on both ends, and the header keeps the true sizes
+                pieces = [frame_header(tag, [payloads[s].numel() for s in sources], dtype),
+                          *(padded(payloads[s], numel_of(s)) for s in sources)]
+                for piece in pieces:
+                    piece = piece.to(self.wire_device).contiguous()
+                    ops.append(dist.P2POp(dist.isend, piece, process))
+                    targets.append(process)
+                    self.wire_bytes += piece.numel() * piece.element_size()
             if process in recv_from:
                 sources = sorted(recv_from[process])
-                size = header_numel(len(sources), dtype) + sum(numel_of(s) for s in sources)
-                inbox = torch.empty(size, dtype=dtype, device=self.wire_device)
-                ops.append(dist.P2POp(dist.irecv, inbox, process))
-                targets.append(process)
-                inboxes.append((process, sources, inbox))
+                header = torch.empty(header_numel(len(sources), dtype), dtype=dtype, device=self.wire_device)
+                bodies = [torch.empty(numel_of(s), dtype=dtype, device=self.wire_device) for s in sources]
+                for piece in (header, *bodies):
+                    ops.append(dist.P2POp(dist.irecv, piece, process))
+                    targets.append(process)
+                inboxes.append((process, sources, header, bodies))
         try:
             works = dist.batch_isend_irecv(ops)
         except RuntimeError as exc:  # posting fails at once when a neighbour's connection is already closed
             raise PeerError(f"{step or 'exchange'}: could not post messages to {self._names(sorted(set(targets)))}; "
                             f"{failure_reason(exc)}") from None
         self._wait(works, targets, step)
-        for process, sources, inbox in inboxes:
-            for src, piece in zip(sources, self._unframe(process, sources, inbox, tag, step)):
+        for process, sources, header, bodies in inboxes:
+            for src, piece in zip(sources, self._unframe(process, sources, header, bodies, tag, step)):
                 result[src] = piece
         return result
 
-    def _unframe(self, process: int, sources: list[int], inbox: torch.Tensor, tag: tuple[int, int],
-                 step: str) -> list[torch.Tensor]:
+    def _unframe(self, process: int, sources: list[int], header: torch.Tensor, bodies: list[torch.Tensor],
+                 tag: tuple[int, int], step: str) -> list[torch.Tensor]:
         """The payloads of a received message, each with the size its sender declared."""
-        head = header_numel(len(sources), inbox.dtype)
-        fields = inbox[:head].view(torch.int64).tolist()
-        magic, round, mixing_step, count, *sizes = fields
+        magic, round, mixing_step, count, *sizes = header.view(torch.int64).tolist()
         problem = ""
         if magic != HEADER_MAGIC or count != len(sources):
             problem = "a message that is not a p2p_fedrot frame (another program on this port, or a corrupted stream)"
         elif (round, mixing_step) != tuple(tag):
             problem = f"a message of round {round} step {mixing_step} while this is round {tag[0]} step {tag[1]}"
-        elif any(s < 0 for s in sizes) or head + sum(sizes) > inbox.numel():
-            problem = f"payload sizes {sizes} that do not fit the {inbox.numel() - head} values expected"
+        elif any(not 0 <= size <= body.numel() for size, body in zip(sizes, bodies)):
+            problem = f"payload sizes {sizes} that do not fit the {[b.numel() for b in bodies]} values expected"
         if problem:
             raise PeerError(f"{step or 'exchange'}: {self._names([process])} sent {problem}")
-        body = inbox[head:head + sum(sizes)].to(self.device)
-        return list(body.split(sizes))
+        return [body[:size].to(self.device) for size, body in zip(sizes, bodies)]
 
     def _wait(self, works: list, targets: list[int], step: str) -> None:
         """Wait for every operation until one shared deadline; ``targets[k]`` is op k's peer process."""
@@ -179,6 +178,13 @@ class Transport:
 def header_numel(sources: int, dtype: torch.dtype) -> int:
     """Elements of ``dtype`` that hold a frame header for a message with ``sources`` payloads."""
     return (4 + sources) * 8 // torch.empty(0, dtype=dtype).element_size()
+
+
+def padded(payload: torch.Tensor, numel: int) -> torch.Tensor:
+    """``payload`` itself, or a copy padded with zeros to ``numel`` values when it is shorter."""
+    if payload.numel() >= numel:
+        return payload
+    return torch.cat([payload, payload.new_zeros(numel - payload.numel())])
 
 
 def frame_header(tag: tuple[int, int], sizes: list[int], dtype: torch.dtype) -> torch.Tensor:

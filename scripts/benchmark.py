@@ -7,6 +7,9 @@
 - align:    one batched soft-Procrustes call over all modules vs one call per module;
 - exchange: one message per process pair (this project's transport) vs one message per peer-to-peer
             route, on 2 real Gloo processes over loopback;
+- wire:     one ring gossip step of a 1M-float payload (framed, screened) against an all_reduce of
+            the same tensor, one peer per Gloo process over loopback, 4 and 8 processes; also per
+            byte moved (a ring step sends 2 payloads per process, a ring all_reduce 2 (P-1) / P);
 - memory:   N peers sharing one frozen base model in a process vs one model copy per peer
             (resident memory of a fresh process each);
 - scale:    whole `p2p-fedrot run` commands in one process against the number of hosted peers (toy
@@ -134,6 +137,49 @@ def bench_exchange(repeats: int) -> None:
         print(f"  {topology:<12} one per pair {ours_s * 1e3:7.2f} ms, {ours_bytes / 1e6:5.2f} MB out of process 0"
               f" | one per route {naive_s * 1e3:7.2f} ms, {naive_bytes / 1e6:5.2f} MB"
               f" | time ratio {naive_s / ours_s:5.2f}x")
+
+
+WIRE_NUMEL = 1_000_000
+
+
+def _wire_worker(rank: int, world: int, port: int, repeats: int, results: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    runtime = init_runtime("gloo", timeout_s=120)
+    transport = Transport(Placement(world, world, rank), runtime.device, 120)
+    W = mixing_matrix(build_topology("ring", world, seed=0).graph_at(0))
+    payloads = {rank: torch.randn(WIRE_NUMEL, generator=torch.Generator().manual_seed(rank))}
+    tensor = torch.randn(WIRE_NUMEL)
+
+    def gossip() -> None:
+        dist.barrier()
+        collect_mix_inputs(transport, W, payloads)
+
+    def all_reduce() -> None:
+        dist.barrier()
+        dist.all_reduce(tensor)
+
+    gossip_s, reduce_s = median_seconds(gossip, repeats), median_seconds(all_reduce, repeats)
+    if rank == 0:
+        results[world] = (gossip_s, reduce_s)
+    runtime.heartbeat.stop()
+    dist.destroy_process_group()
+
+
+def bench_wire(repeats: int) -> None:
+    print(f"wire: one ring gossip step vs all_reduce of {WIRE_NUMEL:,} floats, one peer per Gloo process")
+    for world in (4, 8):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        with mp.Manager() as manager:
+            results = manager.dict()
+            mp.spawn(_wire_worker, args=(world, port, repeats, results), nprocs=world)
+            gossip_s, reduce_s = results[world]
+        per_byte = (gossip_s / 2) / (reduce_s / (2 * (world - 1) / world))
+        print(f"  P={world}  ring step {gossip_s * 1e3:7.2f} ms | all_reduce {reduce_s * 1e3:7.2f} ms"
+              f" | ratio {gossip_s / reduce_s:5.2f}x, per byte moved {per_byte:5.2f}x")
 
 
 def _resident_mb() -> float:
@@ -272,7 +318,7 @@ def _plot_scale(rows: list[dict], path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["align", "exchange", "memory", "scale"], action="append",
+    parser.add_argument("--only", choices=["align", "exchange", "wire", "memory", "scale"], action="append",
                         help="run only these benchmarks (repeatable)")
     parser.add_argument("--repeats", type=int, default=30, help="timed repetitions per measurement (median)")
     parser.add_argument("--peers", type=int, default=8, help="peers hosted in the memory benchmark")
@@ -282,12 +328,14 @@ def main() -> None:
                         help="largest peer count the scale benchmark also runs one peer at a time")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    chosen = args.only or ["align", "exchange", "memory"]
+    chosen = args.only or ["align", "exchange", "wire", "memory"]
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, medians of {args.repeats} repeats")
     if "align" in chosen:
         bench_align(args.repeats)
     if "exchange" in chosen:
         bench_exchange(args.repeats)
+    if "wire" in chosen:
+        bench_wire(args.repeats)
     if "memory" in chosen:
         bench_memory(args.peers)
     if "scale" in (args.only or []):

@@ -10,13 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from p2p_fedrot import checkpoint
+from p2p_fedrot import checkpoint, training
 from p2p_fedrot.config import load_config
 from p2p_fedrot.errors import ConfigError
 from p2p_fedrot.hosting import HostedPeers
 from p2p_fedrot.runner import Experiment
 from p2p_fedrot.runtime import init_runtime
 
+import launch
+from launch import assert_identical_runs, toy_args
 from test_runner import COMPARED, TOY, cli, read_metrics
 
 ADAMW = ["train.optimizer=adamw", "train.lr=0.01", "train.local_steps=3"]
@@ -146,6 +148,45 @@ def test_outputs_of_another_run_are_replaced_only_when_asked(tmp_path: Path) -> 
     assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["consensus", *(f"peer_{p:03d}" for p in range(8))]
     kept = checkpoint.folder_of(tmp_path) / "round_0001"
     assert sorted(p.name for p in kept.iterdir()) == [f"peer_{p:03d}.safetensors" for p in range(8)]
+
+
+def test_a_run_killed_while_writing_its_metrics_resumes_exactly(tmp_path: Path) -> None:
+    """A kill in the middle of a metrics write leaves a torn last line: the resume drops it and
+    computes that round again."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for out, rounds in ((whole, 6), (split, 4)):  # split: 4 rounds checkpointed ...
+        result = launch.run(toy_args(out, f"rounds={rounds}", "checkpoint_every=2"))
+        assert result.returncode == 0, result.stderr
+    with (split / "metrics.jsonl").open("a") as metrics:  # ... then killed while writing the 5th round's record
+        metrics.write('{"round": 4, "time_s": 1.5, "accuracy": [0.31, 0.2')
+    resumed = launch.run(toy_args(split, "rounds=6", "checkpoint_every=2"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_identical_runs(whole, split)
+
+
+def test_an_fp16_run_resumes_with_its_loss_scales(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In fp16 a peer's step depends on its loss scale (an overflow skips the step and halves it).
+    Here fp16 autocast runs on CPU (runs refuse it there) and a scale doubles after 3 good steps
+    instead of 2,000, so that the scales move, and steps are skipped, within 4 rounds."""
+    monkeypatch.setattr(training, "autocast_for", lambda device, precision: torch.autocast(device.type, torch.float16))
+    monkeypatch.setattr(training.LossScale, "GROWTH_INTERVAL", 3)
+    fp16 = ["model.precision=fp16", "checkpoint_every=2"]
+    whole = run(tmp_path / "whole", "rounds=4", *fp16)
+    run(tmp_path / "split", "rounds=2", *fp16)
+    run(tmp_path / "split", "rounds=4", *fp16)
+    assert (whole.hosted.trainer.scales.scale != 2.0**16).any()
+    assert_identical_runs(tmp_path / "whole", tmp_path / "split")
+
+
+@pytest.mark.slow
+def test_a_resumed_run_counts_the_wire_bytes_of_the_whole_run(tmp_path: Path) -> None:
+    """On two processes factors travel between them; the bytes sent before the resume count too."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for out, rounds in ((whole, 4), (split, 2), (split, 4)):
+        result = launch.run(toy_args(out, f"rounds={rounds}", "threads=1"), nproc=2)
+        assert result.returncode == 0, result.stderr
+    wire = [json.loads((out / "summary.json").read_text())["wire_bytes_total"] for out in (whole, split)]
+    assert wire[0] > 0 and wire[1] == wire[0]
 
 
 @pytest.mark.slow

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from p2p_fedrot.cli import main
 from p2p_fedrot.config import load_config
+from p2p_fedrot.report import group_runs, group_stats, load_run, per_round, predicted_decay, summary_table
 from p2p_fedrot.runner import Experiment
 from p2p_fedrot.runtime import init_runtime
 
@@ -63,7 +65,55 @@ def test_repeats_of_one_run_form_one_group_and_damage_is_named(tmp_path: Path, c
     table = (tmp_path / "report" / "summary.md").read_text()
     assert "| runs | ring | fedrot | 2 |" in table and " +/- 0.0000 |" in table  # the same bits twice
     metrics = Path(runs[1]) / "metrics.jsonl"
-    metrics.write_text(metrics.read_text() + '{"round": 1, "mean_acc\n')
+    complete = metrics.read_text()
+    metrics.write_text('{"round": 1, "mean_acc\n' + complete)
     capsys.readouterr()
     assert main(["report", *runs, "--out", str(tmp_path / "report")]) == 2
-    assert f"{metrics} line 2 is not valid JSON" in capsys.readouterr().err
+    assert f"{metrics} line 1 is not valid JSON" in capsys.readouterr().err
+
+
+def test_a_torn_last_metrics_line_is_ignored_and_said(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A run killed while writing a record (after an earlier run of it had finished) leaves a torn
+    last line: the report uses the complete lines and says so in one line."""
+    out = tmp_path / "run"
+    Experiment(load_config(TOY, ["rounds=2", "train.local_steps=1", f"out={out}"]), init_runtime()).run()
+    assert main(["report", str(out), "--out", str(tmp_path / "whole")]) == 0
+    metrics = out / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"round": 2, "mean_acc')
+    capsys.readouterr()
+    assert main(["report", str(out), "--out", str(tmp_path / "torn")]) == 0
+    assert capsys.readouterr().err == (f"p2p-fedrot: note: ignored the torn last line of {metrics} (a write that a "
+                                       "killed run did not finish); the report uses the complete lines before it\n")
+    assert (tmp_path / "torn" / "summary.md").read_text() == (tmp_path / "whole" / "summary.md").read_text()
+
+
+def test_time_varying_graphs_are_reported_at_the_gap_of_their_mean_round(tmp_path: Path) -> None:
+    """One random matching is disconnected (gap 0) and one hop of one_peer_exponential barely mixes, but
+    their rounds mix fast: the table, the accuracy-vs-gap points and the rho^(2t) line use the mean round's
+    gap, and a topology.json written before it was recorded falls back to round 0's."""
+    runs = []
+    for topology in ("random_matching", "one_peer_exponential"):
+        out = tmp_path / topology
+        config = load_config(TOY, [f"topology={topology}", "peers=16", "rounds=2", "train.local_steps=1", f"out={out}"])
+        Experiment(config, init_runtime()).run()
+        runs.append(out)
+    groups = group_runs([load_run(run) for run in runs])
+    stats = [group_stats(group) for group in groups]
+    table = summary_table(stats)
+    for group, stat in zip(groups, stats):
+        recorded = group.runs[0]["topology"]
+        gap = recorded["spectral_gap_of_mean_W"]
+        assert recorded["spectral_gap"] < 0.05 and gap > 0.2
+        assert stat["spectral_gap"]["mean"] == gap  # the accuracy_vs_gap point and the table cell
+        assert f"| {stat['label']} | {group.topology} | fedrot | 1 | {gap:.4f} |" in table
+        rounds, means, _ = per_round(group, "consensus_distance_rel")
+        (_, first), (_, second) = predicted_decay(group, rounds, means, floor=0.0)
+        assert second / first == pytest.approx((1 - gap) ** 2)
+    assert main(["report", *map(str, runs), "--out", str(tmp_path / "report")]) == 0
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["groups"] == json.loads(json.dumps(stats))
+
+    old = runs[0] / "topology.json"
+    recorded = json.loads(old.read_text())
+    old.write_text(json.dumps({key: value for key, value in recorded.items() if key != "spectral_gap_of_mean_W"}))
+    assert group_stats(group_runs([load_run(runs[0])])[0])["spectral_gap"]["mean"] == recorded["spectral_gap"]
+    assert main(["report", str(runs[0]), "--out", str(tmp_path / "old_report")]) == 0

@@ -168,6 +168,17 @@ def test_a_diverging_peer_stops_the_run_with_the_cause(tmp_path: Path) -> None:
     assert "lower train.lr (now 1e+20)" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_an_out_below_a_file_is_a_one_line_error_naming_the_file(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("kept")
+    for out in (notes / "runs" / "toy", notes):
+        result = cli(["run", TOY, "--set", f"out={out}", "--set", "rounds=1"])
+        assert result.returncode == 2
+        assert result.stderr == (f"p2p-fedrot: error: out={out} cannot be a folder: {notes} is a file; move that file "
+                                 "away, or set out to another path\n")
+    assert notes.read_text() == "kept"
+
+
 def test_metrics_are_strict_json_even_without_local_test_splits(tmp_path: Path) -> None:
     """An empty local split has no accuracy: it is written as null, not as a bare NaN token."""
     config = load_config(TOY, ["rounds=1", "data.local_test_fraction=0", f"out={tmp_path}"])

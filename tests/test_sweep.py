@@ -137,7 +137,8 @@ def test_a_sweep_launches_each_run_on_several_processes(tmp_path: Path) -> None:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     summary = json.loads((out / "method-fedit" / "seed3" / "summary.json").read_text())
-    assert summary["processes"] == 2 and summary["threads"] == max(1, (os.cpu_count() or 1) // 2)  # cores / (1 x 2)
+    # the CPUs this process may use / (1 job x 2 processes)
+    assert summary["processes"] == 2 and summary["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
     assert yaml.safe_load((out / "method-fedit" / "seed3" / "config.yaml").read_text())["seed"] == 3
 
 

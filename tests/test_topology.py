@@ -13,6 +13,7 @@ from scipy import sparse
 from p2p_fedrot import topology as topology_module
 from p2p_fedrot.cli import main
 from p2p_fedrot.mixing import mixing_matrix
+from p2p_fedrot.schedule import MixingSchedule
 from p2p_fedrot.topology import (
     CATALOGUE,
     MAX_EDGES,
@@ -173,6 +174,22 @@ def test_ring_stats() -> None:
     assert {key: stats[key] for key in expected} == expected
     assert stats["rho"] == pytest.approx((1 + 2 * 2 ** -0.5) / 3)  # k = 1 of (1 + 2 cos(2 pi k / 8)) / 3
     assert stats["spectral_gap"] == pytest.approx(1 - stats["rho"])
+
+
+@pytest.mark.parametrize("name", ["random_matching", "one_peer_exponential"])
+def test_the_record_of_a_time_varying_graph_carries_the_gap_of_its_mean_round(name: str) -> None:
+    """Round 0 alone barely mixes (a matching is disconnected; one hop of 1 on 16 peers has gap 0.019),
+    the rounds together do: topology.json keeps round 0's gap and adds the mean round's."""
+    schedule = MixingSchedule(build_topology(name, 16, seed=0), "metropolis", [], seed=0, participation=1.0)
+    record = schedule.record()
+    assert record["spectral_gap"] < 0.05 and record["stats"]["spectral_gap"] == record["spectral_gap"]
+    assert record["spectral_gap_of_mean_W"] > 0.2 and record["spectral_gap_of_mean_W"] == schedule.planning_gap()
+    assert "spectral_gap_of_mean_W" in record["note"]
+
+
+def test_the_record_of_a_static_graph_has_one_gap() -> None:
+    record = MixingSchedule(build_topology("ring", 8, seed=0), "metropolis", [], seed=0, participation=1.0).record()
+    assert record["spectral_gap_of_mean_W"] == record["spectral_gap"] == pytest.approx((1 - np.cos(np.pi / 4)) * 2 / 3)
 
 
 def test_draw_topology_writes_a_png(tmp_path: Path) -> None:

@@ -4,7 +4,11 @@
 2. ``before_send(peer, round)``  e.g. rotate the factors toward a reference (fedrot)
 3. ``sent_parts(round)``  which parts of the flat buffer travel to the neighbours
 4. ``pack(peer, round, step, payload)``  what actually travels (default: those parts as they are)
-5. ``combine(peer, round, inputs)``  the new value of those parts from the (weight, payload) pairs
+5. ``combine_row(peer, round, inputs, own)``  the new value of those parts from the (weight, payload)
+   pairs (``inputs[own]`` the receiver's own) and any rotation of the receiver's own factors; by
+   default ``combine(peer, round, inputs)``, the weighted average that most methods override
+6. ``settle(round, refused, reduce)``  on every process once mixing is done: change what all
+   processes must hold alike (fedex's base weights), decided by all of them together
 
 A new method is one small subclass registered with :func:`register`.
 """
@@ -59,6 +63,16 @@ class RotationLog:
     def clear(self) -> None:
         self.angles.clear()
         self.gains.clear()
+
+
+@dataclass
+class Combined:
+    """A mixing row's new value of the sent parts, and the rotations (one r x r R per module: A <- R^T A,
+    B <- B R) that the receiver's own factors went through in it, so that its optimizer moments can
+    follow them as they follow :meth:`Method.before_send`'s; None where its own factors kept their frame."""
+
+    value: torch.Tensor
+    rotations: list[torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -138,9 +152,22 @@ class Method:
         ``count`` clients in all): the exact mean of the buffers, as averaging methods mix."""
         return exact_sum(rows.double(), reduce, count) / count
 
+    def combine_row(self, peer: PeerState, round: int, inputs: Sequence[tuple[float, torch.Tensor]],
+                    own: int | None) -> Combined:
+        """What the mixer calls for each mixing row. ``inputs[own]`` is the receiver's own payload (``own``
+        is None where the row does not read it: the server's hub, a client adopting the hub's), so that
+        no method has to recognise it by its value; the default leaves every frame as it is."""
+        return Combined(self.combine(peer, round, inputs))
+
     def combine(self, peer: PeerState, round: int, inputs: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
         """New value of the sent parts from the (W_ij, x_j) pairs, ordered by j: sum_j W_ij x_j."""
         return weighted_sum(inputs)
+
+    def settle(self, round: int, refused: Sequence[tuple[int, int]], reduce: Reduce) -> None:
+        """Hook run on every process after the round's mixing, before anything reads its results.
+        ``refused`` holds the (sender, receiver) pairs of the payloads this process's peers refused
+        (``comm.on_bad_payload: drop``), which only this process knows: state that every process must
+        hold alike changes here, by a decision all processes take together through ``reduce``."""
 
 
 def adopts(inputs: Sequence[tuple[float, torch.Tensor]]) -> bool:
@@ -156,10 +183,15 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def make_method(name: str, args: dict[str, Any], context: MethodContext) -> Method:
+def method_class(name: str) -> type[Method]:
+    """The registered class of method ``name``: what it is, before any run builds one."""
     if name not in _REGISTRY:
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](dict(args or {}), context)
+    return _REGISTRY[name]
+
+
+def make_method(name: str, args: dict[str, Any], context: MethodContext) -> Method:
+    return method_class(name)(dict(args or {}), context)
 
 
 def trains_dense_deltas(name: str) -> bool:

@@ -13,7 +13,8 @@ an extra message. ``reference``:
   before averaging (one Procrustes problem per neighbour).
 - ``neighbours`` (receiver-side generalized Procrustes): every incoming factor pair, the receiver's own
   included, is rotated toward the W-weighted mean of the current pairs and the mean recomputed,
-  ``iters`` times; then the rotated pairs are averaged. With lam = 1 no iteration can raise
+  ``iters`` times; then the rotated pairs are averaged (the receiver's optimizer moments turn with
+  its own pair: see base.Combined). With lam = 1 no iteration can raise
   sum_j w_j ||X_j R_j - mean||^2 (each step minimises it over the R_j, then over the mean).
 
 ``reference: auto`` (the default) is ``consensus`` in server mode, which is then exactly FedRot-LoRA,
@@ -39,7 +40,7 @@ import torch
 from ..align import Side, fit_rotations, misfit, rotate
 from ..errors import ConfigError
 from ..gossip import weighted_sum
-from .base import Method, MethodContext, PeerState, adopts, register
+from .base import Combined, Method, MethodContext, PeerState, adopts, register
 
 SIDES = ("auto", "alternate", "A", "B", "joint")
 REFERENCES = ("consensus", "pairwise", "neighbours")
@@ -98,18 +99,23 @@ class FedRot(Method):
         self._write(peer.flat, self._rotate_logged(factors, self._views(peer.reference), Rs, self.side_at(round)), ())
         return Rs
 
-    def combine(self, peer: PeerState, round: int, inputs: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
-        """Receiver-side references average copies of the inputs whose factors were rotated first."""
+    def combine_row(self, peer: PeerState, round: int, inputs: Sequence[tuple[float, torch.Tensor]],
+                    own: int | None) -> Combined:
+        """Receiver-side references average copies of the inputs whose factors were rotated first. With
+        ``neighbours`` the receiver's own factors turn as well, and the result says by how much."""
         if self.reference == "consensus" or not self.aligns(round) or adopts(inputs):
-            return super().combine(peer, round, inputs)
+            return super().combine_row(peer, round, inputs, own)
         side = self.side_at(round)
-        rotated = self._pairwise(peer, inputs, side) if self.reference == "pairwise" else self._neighbours(inputs, side)
-        return super().combine(peer, round, rotated)
+        if self.reference == "pairwise":
+            return Combined(self.combine(peer, round, self._pairwise(peer, inputs, own, side)))
+        factors, Rs = self.generalized_procrustes(self._stack([x for _, x in inputs]), [w for w, _ in inputs], side)
+        rotated = [(w, self._write(x.clone(), factors, (row,))) for row, (w, x) in enumerate(inputs)]
+        return Combined(self.combine(peer, round, rotated), None if own is None else [R[own] for R in Rs])
 
-    def _pairwise(self, peer: PeerState, inputs: Sequence[tuple[float, torch.Tensor]], side: Side) -> Inputs:
-        """Each neighbour's factors rotated toward the receiver's own; the receiver's own payload (equal to
-        its buffer: nothing to rotate) stays as it is."""
-        moved = [k for k, (_, x) in enumerate(inputs) if not torch.equal(x, peer.flat)]
+    def _pairwise(self, peer: PeerState, inputs: Sequence[tuple[float, torch.Tensor]], own: int | None,
+                  side: Side) -> Inputs:
+        """Each neighbour's factors rotated toward the receiver's own; its own payload stays as it is."""
+        moved = [k for k in range(len(inputs)) if k != own]
         rows = list(inputs)
         if moved:
             rotated = self._align(self._stack([inputs[k][1] for k in moved]), self._views(peer.flat), side)
@@ -117,15 +123,12 @@ class FedRot(Method):
                 rows[k] = (inputs[k][0], self._write(inputs[k][1].clone(), rotated, (row,)))
         return rows
 
-    def _neighbours(self, inputs: Sequence[tuple[float, torch.Tensor]], side: Side) -> Inputs:
-        weights = [w for w, _ in inputs]
-        rotated = self.generalized_procrustes(self._stack([x for _, x in inputs]), weights, side)
-        return [(w, self._write(x.clone(), rotated, (row,))) for row, (w, x) in enumerate(inputs)]
-
-    def generalized_procrustes(self, factors: Factors, weights: Sequence[float], side: Side) -> Factors:
+    def generalized_procrustes(self, factors: Factors, weights: Sequence[float],
+                               side: Side) -> tuple[Factors, list[torch.Tensor]]:
         """Rotate every pair of the batch (row j: A_j, B_j) toward the ``weights``-weighted mean of the
-        current pairs and recompute the mean, ``iters`` times. Logs each pair's whole rotation (the
-        product over the iterations: what was applied) and its gain against the final mean."""
+        current pairs and recompute the mean, ``iters`` times. Returns the rotated pairs and, per module,
+        each pair's whole rotation (the product over the iterations: what was applied), which it logs
+        with the pair's gain against the final mean."""
         original, total = factors, None
         for _ in range(self.iters):
             Rs = fit_rotations(*factors, *self._mean(factors, weights), side, self.lam)
@@ -133,7 +136,7 @@ class FedRot(Method):
             total = Rs if total is None else [Q @ R for Q, R in zip(total, Rs)]
         mean = self._mean(factors, weights)
         self._log(total, misfit(*original, *mean, side), misfit(*factors, *mean, side))
-        return factors
+        return factors, total
 
     def _align(self, factors: Factors, refs: Factors, side: Side) -> Factors:
         """The factors rotated toward ``refs`` (each reference broadcast over the batch), logged."""
