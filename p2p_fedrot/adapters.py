@@ -4,23 +4,29 @@ Each adapter is a folder with peft's adapter_config.json and adapter_model.safet
 factors and head under the names peft gives them. The bank writes them directly from its rows,
 so a thousand adapters take seconds. A method that trains dense deltas (fedgalore) adds
 dense_deltas.safetensors: dW per adapted weight, named as the base model's weight it adds to
-(:func:`add_dense_deltas` applies them).
+(:func:`add_dense_deltas` applies them). A classifier's folder also holds config.json, the base
+model's config with the data's class names as ``id2label`` / ``label2id``: transformers reads it
+with ``AutoConfig.from_pretrained(folder)``, so predictions can be named without the run's data.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import PretrainedConfig
 
 from .bank import PeerBank
 from .factors import FactorLayout
 
 CONFIG_FILE, WEIGHTS_FILE, DELTAS_FILE = "adapter_config.json", "adapter_model.safetensors", "dense_deltas.safetensors"
+MODEL_CONFIG_FILE = "config.json"  # where transformers keeps a model's id2label / label2id
 CONSENSUS = "consensus"
 
 
@@ -28,20 +34,22 @@ def adapter_name(peer: int) -> str:
     return f"peer_{peer:03d}"
 
 
-def save_adapter(layout: FactorLayout, config_text: str, flat: torch.Tensor, target: Path) -> None:
-    """One adapter folder; a crash leaves either the old folder or the new one, never half of one."""
+def save_adapter(layout: FactorLayout, texts: dict[str, str], flat: torch.Tensor, target: Path) -> None:
+    """One adapter folder (``texts``: its JSON files by name); a crash leaves either the old folder
+    or the new one, never half of one."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         flat = flat.detach().cpu()
         tensors = {spec.name: spec.view(flat).clone() for spec in layout.a + layout.b + layout.head}
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
-        files = [WEIGHTS_FILE, CONFIG_FILE]
+        files = [WEIGHTS_FILE, *texts]
         if layout.delta:
             save_file({spec.name: spec.view(flat).clone() for spec in layout.delta}, staging / DELTAS_FILE,
                       metadata={"format": "pt"})
             files.append(DELTAS_FILE)
-        (staging / CONFIG_FILE).write_text(config_text)
+        for name, text in texts.items():
+            (staging / name).write_text(text)
         if target.exists():  # move the old one aside first: a crash now leaves it in the staging folder
             os.replace(target, staging / "previous")
         final = staging / "adapter"
@@ -53,15 +61,35 @@ def save_adapter(layout: FactorLayout, config_text: str, flat: torch.Tensor, tar
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def save_peer_adapters(bank: PeerBank, peers: list[int], folder: Path) -> None:
-    """One folder per peer: ``folder/peer_007/{adapter_config.json, adapter_model.safetensors}``."""
+def save_peer_adapters(bank: PeerBank, peers: list[int], folder: Path, labels: Sequence[str] = ()) -> None:
+    """One folder per peer: ``folder/peer_007/{adapter_config.json, adapter_model.safetensors}``, and
+    config.json naming the classes when ``labels`` are given."""
+    texts = adapter_texts(bank, labels)
     for peer in peers:
-        save_adapter(bank.layout, bank.adapter_config, bank.flat(peer), folder / adapter_name(peer))
+        save_adapter(bank.layout, texts, bank.flat(peer), folder / adapter_name(peer))
 
 
-def save_consensus_adapter(bank: PeerBank, mean: torch.Tensor, folder: Path) -> None:
+def save_consensus_adapter(bank: PeerBank, mean: torch.Tensor, folder: Path, labels: Sequence[str] = ()) -> None:
     """The average of the peers' buffers (factors and head), saved as one more adapter."""
-    save_adapter(bank.layout, bank.adapter_config, mean, folder / CONSENSUS)
+    save_adapter(bank.layout, adapter_texts(bank, labels), mean, folder / CONSENSUS)
+
+
+def adapter_texts(bank: PeerBank, labels: Sequence[str]) -> dict[str, str]:
+    """peft's adapter_config.json, and for a classifier (``labels`` = class names by id) config.json."""
+    texts = {CONFIG_FILE: bank.adapter_config}
+    if labels:
+        texts[MODEL_CONFIG_FILE] = label_config_text(bank.model, labels)
+    return texts
+
+
+def label_config_text(model: torch.nn.Module, labels: Sequence[str]) -> str:
+    """The base model's config (an empty one for a model without, the toy MLP) with ``labels`` as
+    id2label / label2id, written as ``save_pretrained`` writes it, so AutoConfig reads it back."""
+    base = getattr(model, "config", None)
+    config = copy.deepcopy(base) if isinstance(base, PretrainedConfig) else PretrainedConfig()
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {name: index for index, name in enumerate(labels)}
+    return config.to_json_string()
 
 
 @torch.no_grad()

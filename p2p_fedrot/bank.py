@@ -16,7 +16,7 @@ import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import ConfigError
 from .factors import FactorLayout, layout_of_state
+
+if TYPE_CHECKING:
+    from .prefix import PrefixCache
 
 PEFT_PREFIX = "base_model.model."  # how peft names the wrapped model's modules in its adapter files
 ADAPTER = "default"
@@ -165,6 +168,7 @@ class PeerBank:
         self.peers = list(peers)
         self.row_of = {peer: row for row, peer in enumerate(self.peers)}
         self.adapter_config = adapter_config  # peft's adapter_config.json, the same for every peer
+        self.prefix: PrefixCache | None = None  # the frozen-prefix cache, when one is installed (prefix.py)
 
     @property
     def device(self) -> torch.device:

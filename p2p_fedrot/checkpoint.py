@@ -25,7 +25,7 @@ from .io import atomic_write_bytes, atomic_write_json, read_json
 LATEST = "latest.json"
 SHARED = "shared.safetensors"
 # Keys that may change when a run is resumed: they do not alter what a round computes.
-FREE_KEYS = ("rounds", "out", "resume", "overwrite", "checkpoint_every", "threads", "eval", "comm.backend",
+FREE_KEYS = ("rounds", "out", "resume", "overwrite", "checkpoint_every", "threads", "eval", "log", "comm.backend",
              "comm.timeout_s")
 
 

@@ -30,6 +30,7 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: list[str] | None = None  # None: the model's own default
     init: str = "shared"  # shared | per_peer (each peer its own draw) | rotated (shared, turned per peer)
+    layers: Union[str, dict, list[int]] = "all"  # all | {top: k} | [block indices]: the blocks LoRA adapts
 
 
 @dataclass
@@ -72,6 +73,8 @@ class TrainConfig:
     optimizer_state: str = "method"  # method (the method's rule) | keep (across rounds) | reset (every round)
     warmup_rounds: int = 0  # rounds of local training before the first exchange
     batch_peers: bool | str | int = "auto"  # true: all hosted peers in one forward | k: k at a time | false | auto
+    prefix_cache: bool | str = "auto"  # auto: run the frozen blocks below the lowest adapted one once per example | false
+    prefix_cache_max_gb: float = 4.0  # the cache's memory bound; a run whose cache would exceed it runs without it
 
 
 @dataclass
@@ -88,6 +91,11 @@ class CommConfig:
     max_norm_ratio: float = 100.0  # a payload's norm may be at most this times the receiver's own
     on_bad_payload: str = "fail"  # fail (stop, naming the sender) | drop (mix without it, renormalise)
     inject_fault: dict | None = None  # drill: {peer: 3, round: 5, kind: nan | inf | scale | truncate}
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = False  # also write each metrics record as TensorBoard scalars in out/tensorboard
 
 
 @dataclass
@@ -111,6 +119,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -252,6 +261,9 @@ def validate(config: RunConfig) -> None:
          "train.batch_peers must be true, false, auto or a number of peers per forward (>= 1)"),
         (config.train.optimizer_state in ("method", "keep", "reset"),
          "train.optimizer_state must be method, keep or reset"),
+        (config.train.prefix_cache in ("auto", False), "train.prefix_cache must be auto or false"),
+        (config.train.prefix_cache_max_gb > 0, "train.prefix_cache_max_gb must be positive (gigabytes)"),
+        *_layers_checks(config.model.lora.layers),
         (config.train.grad_clip is None or config.train.grad_clip > 0, "train.grad_clip must be positive or null"),
         (config.eval.every >= 1, "eval.every must be >= 1 (rounds between evaluations)"),
         (config.comm.backend in ("auto", "gloo", "nccl"), "comm.backend must be auto, gloo or nccl"),
@@ -288,6 +300,17 @@ def validate(config: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def _layers_checks(layers: Any) -> list[tuple[bool, str]]:
+    """The shape of model.lora.layers; whether its blocks exist is checked against the model when it loads."""
+    usage = "model.lora.layers must be all, {top: k} with k >= 1, or a non-empty list of block indices >= 0"
+    if isinstance(layers, str):
+        return [(layers == "all", f"{usage}; got {layers!r}")]
+    if isinstance(layers, dict):
+        top = layers.get("top")
+        return [(set(layers) == {"top"} and type(top) is int and top >= 1, f"{usage}; got {layers!r}")]
+    return [(bool(layers) and all(i >= 0 for i in layers) and len(set(layers)) == len(layers), f"{usage}; got {layers!r}")]
 
 
 def _fault_checks(config: RunConfig) -> list[tuple[bool, str]]:

@@ -8,7 +8,7 @@ many processes there are.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,30 +23,62 @@ IGNORE_INDEX = -100  # target value the loss skips (padding in causal-LM targets
 DEFAULT_SYNTHETIC_SAMPLES = 4000  # synthetic training set size when data.train_samples is null
 
 
-@dataclass
+@dataclass(eq=False)
 class Dataset:
-    """Model inputs (a dict of equally long tensors, passed as keyword arguments) and labels."""
+    """Model inputs (a dict of equally long tensors, passed as keyword arguments) and labels.
+
+    Text examples also carry ``ids``, their positions in ``corpus`` (every tokenised text of the run,
+    training and test ones together): the frozen-prefix cache (prefix.py) keys its entries by them.
+    """
 
     inputs: dict[str, torch.Tensor]
     labels: torch.Tensor
+    ids: torch.Tensor | None = None
+    corpus: "Dataset | None" = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, index: np.ndarray | torch.Tensor) -> "Dataset":
-        index = torch.as_tensor(index, dtype=torch.long)
-        return Dataset({k: v[index] for k, v in self.inputs.items()}, self.labels[index])
+    def subset(self, index: np.ndarray | torch.Tensor | slice) -> "Dataset":
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index, dtype=torch.long)
+        ids = None if self.ids is None else self.ids[index]
+        return Dataset({k: v[index] for k, v in self.inputs.items()}, self.labels[index], ids, self.corpus)
 
-    def batches(self, batch_size: int):
+    def batches(self, batch_size: int) -> Iterator["Dataset"]:
         for start in range(0, len(self), batch_size):
-            stop = start + batch_size
-            yield {k: v[start:stop] for k, v in self.inputs.items()}, self.labels[start:stop]
+            yield self.subset(slice(start, start + batch_size))
+
+
+def as_corpus(inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> Dataset:
+    """A corpus: every example's id is its position, and subsets of it keep those ids."""
+    corpus = Dataset(inputs, labels, torch.arange(len(labels)))
+    corpus.corpus = corpus
+    return corpus
 
 
 def pool(datasets: Sequence[Dataset]) -> Dataset:
     """All samples of several datasets, in order (the centralized baseline's training set)."""
     keys = datasets[0].inputs.keys()
-    return Dataset({k: torch.cat([d.inputs[k] for d in datasets]) for k in keys}, torch.cat([d.labels for d in datasets]))
+    corpus = datasets[0].corpus
+    ids = torch.cat([d.ids for d in datasets]) if all(d.corpus is corpus and d.ids is not None for d in datasets) else None
+    return Dataset({k: torch.cat([d.inputs[k] for d in datasets]) for k in keys}, torch.cat([d.labels for d in datasets]),
+                   ids, corpus if ids is not None else None)
+
+
+def joined(batches: Sequence[Dataset]) -> Dataset:
+    """Batches side by side, padded to the longest example among them (not to ``model.max_length``):
+    the attention mask hides padding, so only float rounding depends on it. Only trailing columns
+    that no example uses are cut, so a tokenizer that pads on the left keeps its positions."""
+    whole = pool(batches)
+    mask = whole.inputs.get("attention_mask")
+    if mask is None:
+        return whole
+    used = torch.nonzero(mask.any(dim=0))
+    longest = int(used[-1]) + 1 if len(used) else 1
+    inputs = {k: v[:, :longest] for k, v in whole.inputs.items()}
+    labels = whole.labels[:, :longest] if whole.labels.dim() > 1 else whole.labels
+    return Dataset(inputs, labels, whole.ids, whole.corpus)
 
 
 @dataclass
@@ -61,8 +93,12 @@ class FederatedData:
 
     test: Dataset
     clients: dict[int, PeerData]
-    num_classes: int
+    class_names: list[str]  # name of class id i (the corpus's; "0".."K-1" for synthetic data)
     input_dim: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
 
 def build_data(config: DataConfig, clients: Sequence[int], seed: int, tokenizer=None, max_length: int = 64,
@@ -75,14 +111,14 @@ def build_data(config: DataConfig, clients: Sequence[int], seed: int, tokenizer=
     """
     if config.name == "synthetic":
         train, test, classes = synthetic_classification(config, seed)
-        num_classes, input_dim = config.num_classes, config.features
+        class_names, input_dim = [str(c) for c in range(config.num_classes)], config.features
     else:
         if tokenizer is None:
             raise ConfigError(
                 f"data.name={config.name!r} is a text corpus and needs a language model; set model.name to "
                 "packaged:minilm, packaged:smollm2 or a Hugging Face model (toy:mlp reads data.name=synthetic)"
             )
-        train, test, classes, num_classes = text_datasets(config, seed, tokenizer, max_length, causal_lm)
+        train, test, classes, class_names = text_datasets(config, seed, tokenizer, max_length, causal_lm)
         input_dim = 0
     rng = np.random.default_rng(derive_seed(seed, "partition"))
     parts = partition_labels(classes, len(clients), config, rng)
@@ -97,10 +133,10 @@ def build_data(config: DataConfig, clients: Sequence[int], seed: int, tokenizer=
                 "a smaller data.local_test_fraction or a higher data.min_samples"
             )
         peers[client] = PeerData(train.subset(index[n_test:]), train.subset(index[:n_test]))
-    return FederatedData(test, peers, num_classes, input_dim)
+    return FederatedData(test, peers, class_names, input_dim)
 
 
-def text_datasets(config: DataConfig, seed: int, tokenizer, max_length: int, causal_lm: bool) -> tuple[Dataset, Dataset, np.ndarray, int]:
+def text_datasets(config: DataConfig, seed: int, tokenizer, max_length: int, causal_lm: bool) -> tuple[Dataset, Dataset, np.ndarray, list[str]]:
     """Shuffle a corpus with the seed, hold out the shared test set, tokenise what is used."""
     announce(f"set-up: reading {config.name}")
     corpus = load_text_corpus(config.name, config.text_column, config.label_column, config.split)
@@ -114,19 +150,19 @@ def text_datasets(config: DataConfig, seed: int, tokenizer, max_length: int, cau
     train_index = order[config.test_samples :][: config.train_samples]
     labels = np.asarray(corpus.labels, dtype=np.int64)
 
-    def encode(index: np.ndarray) -> Dataset:
-        encoded = tokenizer([corpus.texts[i] for i in index], padding="max_length", truncation=True,
-                            max_length=max_length, return_tensors="pt")
-        inputs = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        if causal_lm:
-            targets = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
-        else:
-            targets = torch.as_tensor(labels[index])
-        return Dataset(inputs, targets)
-
+    used = np.concatenate([train_index, test_index])
     announce(f"set-up: tokenising {len(train_index)} training and {len(test_index)} test texts "
-             f"({max_length} tokens each)")
-    return encode(train_index), encode(test_index), labels[train_index], len(corpus.class_names)
+             f"(at most {max_length} tokens each)")
+    encoded = tokenizer([corpus.texts[i] for i in used], padding="max_length", truncation=True,
+                        max_length=max_length, return_tensors="pt")
+    inputs = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    if causal_lm:
+        targets = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
+    else:
+        targets = torch.as_tensor(labels[used])
+    texts = as_corpus(inputs, targets)
+    split = len(train_index)
+    return texts.subset(slice(0, split)), texts.subset(slice(split, None)), labels[train_index], list(corpus.class_names)
 
 
 def synthetic_classification(config: DataConfig, seed: int) -> tuple[Dataset, Dataset, np.ndarray]:

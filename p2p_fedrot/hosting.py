@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -77,13 +79,15 @@ class HostedPeers:
                 self.trainer.rotate_moments(peer, rotations)
 
     def evaluate(self, round: int) -> dict[int, tuple[float, float, float, float]]:
-        """(accuracy, loss) on the shared test set and on its own test split, per hosted client."""
+        """(accuracy, loss) on the shared test set and on its own test split, per hosted client.
+
+        Clients holding the same bits (server mode, a complete graph, the pooled learner) share one
+        pass over the shared test set: the same numbers as one pass each, at the cost of one."""
         since = time.perf_counter()
         batch, precision = self.config.eval.batch_size, self.config.model.precision
-        # a pooled learner is one model held by every client: its shared-test score is computed once
-        scored = self.clients[:1] if self.method.pooled_data else self.clients
-        scores = evaluate(self.bank, {p: self.data.test for p in scored}, batch, precision, self.group)
-        shared = {p: scores[p if p in scores else scored[0]] for p in self.clients}
+        copies = identical_rows(self.bank, self.clients)
+        scores = evaluate(self.bank, {same[0]: self.data.test for same in copies}, batch, precision, self.group)
+        shared = {p: scores[same[0]] for same in copies for p in same}
         own = evaluate(self.bank, {p: self.data.clients[p].local_test for p in self.clients}, batch, precision,
                        self.group)
         announce_phase(round, self.config.rounds, f"process 0 evaluated {_peers(len(self.clients))}",
@@ -114,12 +118,30 @@ class HostedPeers:
         """What one training peer keeps beside the shared base model: its buffer and its optimizer state."""
         return self.bank.layout.numel * self.bank.flats.element_size() + self.trainer.optimizers.state_bytes()
 
-    def save_adapters(self, folder: Path) -> None:
-        save_peer_adapters(self.bank, self.clients, folder)
+    def save_adapters(self, folder: Path, labels: Sequence[str] = ()) -> None:
+        save_peer_adapters(self.bank, self.clients, folder, labels)
 
     def client_rows(self) -> torch.Tensor:
         """The hosted clients' buffers as rows (clients x numel)."""
         return self.bank.rows(self.clients) if self.clients else self.bank.flats[:0]
+
+
+def identical_rows(bank: PeerBank, peers: list[int]) -> list[list[int]]:
+    """``peers`` grouped by bitwise-equal buffers, in order of first appearance. A hash of each row's
+    bytes proposes the group and torch.equal confirms it, so a collision never merges two adapters."""
+    by_hash: dict[bytes, list[list[int]]] = {}
+    groups: list[list[int]] = []
+    for peer in peers:
+        row = bank.flat(peer).detach()
+        key = hashlib.blake2b(row.cpu().contiguous().view(torch.uint8).numpy(), digest_size=16).digest()
+        candidates = by_hash.setdefault(key, [])
+        same = next((group for group in candidates if torch.equal(bank.flat(group[0]), row)), None)
+        if same is None:
+            same = []
+            candidates.append(same)
+            groups.append(same)
+        same.append(peer)
+    return groups
 
 
 def _peers(count: int) -> str:

@@ -194,6 +194,9 @@ def _base_model(config: ModelConfig, task: str, input_dim: int, num_classes: int
     """The frozen base model and the LoRA config (targets default to peft's per-architecture table)."""
     lora_args = dict(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout)
     if config.name == "toy:mlp":
+        if config.lora.layers != "all":
+            raise ConfigError(f"model.lora.layers={config.lora.layers!r}: toy:mlp has no blocks to choose from; "
+                              "leave model.lora.layers at all")
         base = ToyMLP(input_dim, config.hidden, num_classes)
         targets = config.lora.target_modules or ["fc1", "fc2"]
         return base, LoraConfig(target_modules=targets, modules_to_save=["head"], **lora_args)
@@ -204,17 +207,53 @@ def _base_model(config: ModelConfig, task: str, input_dim: int, num_classes: int
     announce(f"set-up: loading {config.name} ({kind})")
     if task == CAUSAL_LM:
         base = _from_pretrained(AutoModelForCausalLM, source)
-        lora = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=config.lora.target_modules, **lora_args)
     else:
         base = _from_pretrained(AutoModelForSequenceClassification, source, num_labels=num_classes)
-        lora = LoraConfig(task_type=TaskType.SEQ_CLS, target_modules=config.lora.target_modules, **lora_args)
         if base.config.pad_token_id is None:
             base.config.pad_token_id = base.config.eos_token_id
+    task_type = TaskType.CAUSAL_LM if task == CAUSAL_LM else TaskType.SEQ_CLS
+    lora = LoraConfig(task_type=task_type, target_modules=config.lora.target_modules,
+                      **_layer_selection(config, base), **lora_args)
     positions = getattr(base.config, "max_position_embeddings", None)
     if positions is not None and config.max_length > positions:
         raise ConfigError(f"model.max_length={config.max_length} exceeds the {positions} positions that "
                           f"{config.name} can encode; set model.max_length to at most {positions}")
     return base, lora
+
+
+def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The dotted name and the list of a transformer's blocks (``bert.encoder.layer``, ``model.layers``):
+    the ModuleList with ``num_hidden_layers`` entries."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return name, module
+    raise ConfigError(f"{type(model).__name__} has no list of {count} blocks; leave model.lora.layers at all")
+
+
+def adapted_blocks(layers: str | dict | list[int], count: int, model_name: str) -> list[int] | None:
+    """``model.lora.layers`` as sorted block indices (None: all ``count`` blocks)."""
+    if layers == "all":
+        return None
+    if isinstance(layers, dict):
+        if layers["top"] > count:
+            raise ConfigError(f"model.lora.layers={{top: {layers['top']}}} asks for more blocks than {model_name} "
+                              f"has ({count}); choose top between 1 and {count}")
+        return list(range(count - layers["top"], count))
+    outside = [i for i in layers if i >= count]
+    if outside:
+        raise ConfigError(f"model.lora.layers={layers} names block {outside[0]}, but {model_name} has {count} blocks "
+                          f"(0..{count - 1}); choose indices in that range")
+    return sorted(layers)
+
+
+def _layer_selection(config: ModelConfig, base: nn.Module) -> dict:
+    """peft's ``layers_to_transform`` and ``layers_pattern`` for ``model.lora.layers`` (nothing for all)."""
+    if config.lora.layers == "all":
+        return {}
+    name, blocks = transformer_blocks(base)
+    return {"layers_to_transform": adapted_blocks(config.lora.layers, len(blocks), config.name),
+            "layers_pattern": name.rsplit(".", 1)[-1]}
 
 
 def _linear_names(model: nn.Module) -> list[str]:

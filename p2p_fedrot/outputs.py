@@ -24,6 +24,7 @@ from .runtime import launch_id
 
 ADAPTERS = "adapters"  # folder of out with every peer's adapter in peft format
 METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"  # folder of out with the metrics as TensorBoard event files (log.tensorboard)
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 WAY_OUT = "use another out, or --overwrite to replace them"
@@ -112,7 +113,7 @@ def prepare(config: RunConfig, topology_record: dict, first_round: int) -> Jsonl
     atomic_write_json(out / "topology.json", topology_record)
     metrics = out / METRICS
     if first_round == 0:  # plan_start allowed it: nothing of another run is here, or overwrite was asked
-        for folder in (checkpoint.folder_of(out), out / ADAPTERS):
+        for folder in (checkpoint.folder_of(out), out / ADAPTERS, out / TENSORBOARD):
             shutil.rmtree(folder, ignore_errors=True)
         (out / SUMMARY).unlink(missing_ok=True)
         return JsonlWriter(metrics)
@@ -121,6 +122,43 @@ def prepare(config: RunConfig, topology_record: dict, first_round: int) -> Jsonl
     kept = [record for record in records if record["round"] < first_round]
     atomic_write_text(metrics, "".join(to_json(record) + "\n" for record in kept))
     return JsonlWriter(metrics, append=True)
+
+
+class TensorBoardWriter:
+    """Each metrics record's numbers as TensorBoard scalars (step: the round), in out/tensorboard.
+
+    metrics.jsonl stays the record; this is a view of it for TensorBoard. A resumed run adds an
+    event file that tells TensorBoard to drop the earlier files' steps from ``first_round`` on, as
+    metrics.jsonl drops those rounds.
+    """
+
+    def __init__(self, out: Path, first_round: int) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("log.tensorboard is true but the tensorboard package is not installed; pip install "
+                              "'p2p_fedrot[tensorboard]' (or tensorboard), or set log.tensorboard: false") from None
+        self._writer = SummaryWriter(str(out / TENSORBOARD), purge_step=first_round or None)
+
+    def write(self, record: dict[str, Any]) -> None:
+        for tag, value in scalars(record).items():
+            self._writer.add_scalar(tag, value, record["round"])
+        self._writer.flush()  # like metrics.jsonl, a killed run keeps every finished round
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The record's single numbers by tag, nested dicts flattened with '/' (seconds/train); per-peer
+    lists stay in metrics.jsonl only, and the round is the step, not a tag."""
+    found: dict[str, float] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            found.update(scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and prefix + key != "round":
+            found[prefix + key] = float(value)
+    return found
 
 
 def last_record(out: Path) -> dict:

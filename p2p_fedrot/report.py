@@ -22,7 +22,7 @@ from .errors import ConfigError
 from .io import atomic_write_json, atomic_write_png, atomic_write_text, read_json, read_jsonl
 
 # settings that do not make two runs different experiments: the seed is what a group varies over
-NOT_GROUPED = ("seed", "out", "threads", "resume", "overwrite", "checkpoint_every", "comm.timeout_s")
+NOT_GROUPED = ("seed", "out", "threads", "resume", "overwrite", "checkpoint_every", "log.tensorboard", "comm.timeout_s")
 
 LOG_FLOOR = 1e-15  # on a log axis, values at or below this (relative consensus at float noise) are left out
 ALIGNMENT_PLOTS = {  # per-round diagnostics, plotted when some run recorded them

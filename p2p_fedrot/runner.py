@@ -133,6 +133,8 @@ class Experiment:
         self.restore(plan)
         self.group.arrive("reading the checkpoint")  # process 0 rewrites out only once everyone has read it
         writer = outputs.prepare(self.config, self.schedule.record(), plan.first_round) if rank0 else None
+        tensorboard = rank0 and self.config.log.tensorboard
+        board = outputs.TensorBoardWriter(self.out, plan.first_round) if tensorboard else None
         self.group.arrive("preparing the output folder")  # nobody writes into out before it is ready
         start = time.perf_counter() - plan.elapsed_s
         last: dict = {}
@@ -150,6 +152,8 @@ class Experiment:
                 record = self.evaluate(round, clock, mixed, sent, time.perf_counter() - start) if evaluate_now else None
                 if record:
                     writer.write(record)
+                    if board is not None:
+                        board.write(record)
                     last = record
                 if rank0:
                     print_progress(round, self.config.rounds, time.perf_counter() - start, self.bytes_total, record)
@@ -158,6 +162,8 @@ class Experiment:
         finally:
             if writer is not None:
                 writer.close()
+            if board is not None:
+                board.close()
         if plan.first_round == self.config.rounds and rank0:
             print(f"the run in {self.out} had finished all {self.config.rounds} rounds; its adapters and summary "
                   "were written again from its last checkpoint", flush=True)
@@ -242,12 +248,13 @@ class Experiment:
     def finish(self, last: dict, wall: float) -> dict:
         """Save every adapter (each process its own peers), then the summary on process 0."""
         adapters = self.out / outputs.ADAPTERS
-        self.hosted.save_adapters(adapters)
+        labels = self.data.class_names if self.bank.task != CAUSAL_LM else []
+        self.hosted.save_adapters(adapters, labels)
         consensus = self.method.consensus(self.hosted.client_rows(), len(self.clients), self.group.reduce)
         wire_bytes = self.wire_bytes_total()
         if self.runtime.rank != 0:
             return {}
-        save_consensus_adapter(self.bank, consensus.float(), adapters)
+        save_consensus_adapter(self.bank, consensus.float(), adapters, labels)
         if state := self.method.state_tensors():
             checkpoint.save_tensors(adapters / "method_state.safetensors", state)
         summary = {

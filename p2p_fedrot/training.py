@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from . import prefix
 from .bank import PeerBank, PeerStreams
 from .config import TrainConfig
-from .data import IGNORE_INDEX, Dataset
+from .data import IGNORE_INDEX, Dataset, joined
 from .errors import ConfigError, DivergedError
 from .factors import FactorLayout
 from .model import CAUSAL_LM
@@ -41,12 +42,13 @@ class Scores:
     counted: torch.Tensor
 
 
-def batch_scores(bank: PeerBank, inputs: dict[str, torch.Tensor], labels: torch.Tensor, sizes: Sequence[int]) -> Scores:
+def batch_scores(bank: PeerBank, batch: Dataset, sizes: Sequence[int]) -> Scores:
     """Scores of each running row on its share of the batch.
 
     Classification counts examples; a causal LM counts next-token predictions (padding skipped).
     """
-    logits = logits_of(bank.model(**inputs)).float()
+    logits = logits_of(prefix.forward(bank, batch)).float()
+    labels = batch.labels.to(logits.device)
     if bank.task == CAUSAL_LM:
         logits, labels = logits[:, :-1], labels[:, 1:]
     counted = labels != IGNORE_INDEX
@@ -153,6 +155,8 @@ class BankTrainer:
 
     ``datasets`` maps each training peer to its data; ``streams`` (default: the peer) keys its
     batch and dropout seeds (the pooled learner of the centralized baseline uses one outside the peers).
+    Here the run's training settings meet the bank, so the trainer installs the frozen-prefix cache
+    (prefix.py), which training and evaluation then share.
     """
 
     def __init__(self, bank: PeerBank, datasets: Mapping[int, Dataset], config: TrainConfig, seed: int,
@@ -163,6 +167,7 @@ class BankTrainer:
         self.streams = {p: (streams or {}).get(p, p) for p in self.datasets}
         self.optimizers = PeerOptimizers(config, bank.layout, len(bank.peers), bank.device, galore)
         self.scales = LossScale(len(bank.peers), precision == "fp16")
+        prefix.install(bank, _corpus_of(self.datasets.values()), config)
 
     @property
     def peers(self) -> list[int]:
@@ -199,13 +204,11 @@ class BankTrainer:
         losses: list[list[float]] = [[] for _ in group]
         for _ in range(config.local_steps):
             drawn = [self._draw(p, batches[p]) for p in group]
-            inputs = {k: torch.cat([d.inputs[k] for d in drawn]).to(bank.device) for k in drawn[0].inputs}
-            labels = torch.cat([d.labels for d in drawn]).to(bank.device)
             sizes = [len(d) for d in drawn]
             scale = self.scales.of(rows).to(bank.device)
             with bank.running(bank.rows(group), sizes, flags) as leaves, PeerStreams(bank.run, dropout, bank.device):
                 with autocast_for(bank.device, self.precision):
-                    scores = batch_scores(bank, inputs, labels, sizes)
+                    scores = batch_scores(bank, joined(drawn), sizes)
                 mean_loss = scores.loss / scores.counted.clamp(min=1)
                 (mean_loss * scale).sum().backward()
             grads = torch.cat([(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).reshape(len(group), -1)
@@ -264,12 +267,10 @@ def evaluate(bank: PeerBank, datasets: Mapping[int, Dataset], batch_size: int, p
     results = {}
     for chosen in _eval_groups(peers, datasets, batch_size, group):
         totals = torch.zeros(3, len(chosen), dtype=torch.float64)
-        for batch in _joined_batches([datasets[p] for p in chosen], batch_size):
-            present, inputs, labels = batch
-            sizes = [len(labels_p) for labels_p in labels]
-            inputs = {k: torch.cat(v).to(bank.device) for k, v in inputs.items()}
+        for present, batches in _joined_batches([datasets[p] for p in chosen], batch_size):
+            sizes = [len(batch) for batch in batches]
             with bank.running(bank.rows([chosen[i] for i in present]), sizes), autocast_for(bank.device, precision):
-                scores = batch_scores(bank, inputs, torch.cat(labels).to(bank.device), sizes)
+                scores = batch_scores(bank, joined(batches), sizes)
             for row, values in enumerate((scores.loss, scores.correct, scores.counted)):
                 totals[row, present] += values.double().cpu()
         for i, peer in enumerate(chosen):
@@ -287,19 +288,22 @@ def _eval_groups(peers: list[int], datasets: Mapping[int, Dataset], batch_size: 
     return [peers[i : i + size] for i in range(0, len(peers), size)]
 
 
-def _joined_batches(datasets: list[Dataset], batch_size: int) -> Iterator[tuple[list[int], dict[str, list], list]]:
-    """The i-th batch of every dataset that still has one: (which of them, inputs, labels) lists."""
+def _joined_batches(datasets: list[Dataset], batch_size: int) -> Iterator[tuple[list[int], list[Dataset]]]:
+    """The i-th batch of every dataset that still has one: (which of them, their batches)."""
     streams = [d.batches(batch_size) for d in datasets]
     while True:
-        present, inputs, labels = [], {}, []
+        present, batches = [], []
         for index, stream in enumerate(streams):
             batch = next(stream, None)
-            if batch is None:
-                continue
-            present.append(index)
-            for k, v in batch[0].items():
-                inputs.setdefault(k, []).append(v)
-            labels.append(batch[1])
+            if batch is not None:
+                present.append(index)
+                batches.append(batch)
         if not present:
             return
-        yield present, inputs, labels
+        yield present, batches
+
+
+def _corpus_of(datasets: Iterable[Dataset]) -> Dataset | None:
+    """The corpus the training datasets' examples come from (None for feature vectors)."""
+    corpora = {id(d.corpus): d.corpus for d in datasets}
+    return next(iter(corpora.values())) if len(corpora) == 1 else None

@@ -3,6 +3,7 @@
     python scripts/benchmark.py                 # align, exchange, memory: about a minute on 2 CPU cores
     python scripts/benchmark.py --only exchange --repeats 50
     python scripts/benchmark.py --only scale    # whole runs against the number of peers: about 15 minutes
+    python scripts/benchmark.py --only prefix --repeats 5   # LoRA on the top blocks, with and without the cache
 
 - align:    one batched soft-Procrustes call over all modules vs one call per module;
 - exchange: one message per process pair (this project's transport) vs one message per peer-to-peer
@@ -16,6 +17,9 @@
             MLP and the packaged MiniLM), all peers in one forward (batch_peers: true) against one
             at a time: command time, median round time and peak resident memory, as a table and
             docs/scale.png. On a machine with a GPU the runs use it.
+- prefix:   the packaged MiniLM hosting 16 peers on health tweets: one local step of every peer and
+            one evaluation of every peer on the shared test set, with LoRA on all blocks, on the top
+            2 blocks, and on the top 2 with the frozen-prefix cache (filled once beforehand, timed apart).
 
 Prints medians over ``--repeats`` and their ratios. Figures depend on the machine: compare ratios.
 """
@@ -40,11 +44,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from p2p_fedrot.align import align_modules, align_pair
-from p2p_fedrot.config import ModelConfig
+from p2p_fedrot.config import DataConfig, LoraSettings, ModelConfig, TrainConfig
+from p2p_fedrot.data import build_data
 from p2p_fedrot.gossip import collect_mix_inputs, routes_of
 from p2p_fedrot.mixing import mixing_matrix
-from p2p_fedrot.model import build_bank
+from p2p_fedrot.model import build_bank, load_tokenizer
 from p2p_fedrot.runtime import init_runtime
+from p2p_fedrot.training import BankTrainer, evaluate, peers_per_forward
 from p2p_fedrot.topology import build_topology
 from p2p_fedrot.transport import Placement, Transport
 
@@ -316,9 +322,47 @@ def _plot_scale(rows: list[dict], path: str) -> None:
     print(f"  plot: {path}")
 
 
+PREFIX_PEERS = 16
+PREFIX_CASES = {"all blocks": ("all", False), "top 2": ({"top": 2}, False), "top 2 + cache": ({"top": 2}, "auto")}
+
+
+def _prefix_case(layers, cache, data, repeats: int) -> dict:
+    """Median seconds of one local step of all peers and of one evaluation of all of them."""
+    config = ModelConfig(name="packaged:minilm", max_length=64, lora=LoraSettings(layers=layers))
+    peers = list(range(PREFIX_PEERS))
+    bank = build_bank(config, peers, 0, data.num_classes, 0, torch.device("cpu"))
+    train = TrainConfig(local_steps=1, batch_size=16, optimizer="adamw", lr=0.001, prefix_cache=cache)
+    group = peers_per_forward("auto", bank, data.test, train.batch_size)
+    trainer = BankTrainer(bank, {p: data.clients[p].train for p in peers}, train, 0, group=group)
+    fill = 0.0
+    if bank.prefix is not None:
+        start = time.perf_counter()
+        bank.prefix.hidden(torch.arange(len(bank.prefix.corpus)), 1)
+        fill = time.perf_counter() - start
+    rounds = iter(range(10**6))
+    step = median_seconds(lambda: trainer.train(next(rounds), peers, frozenset({"A", "B", "head"})), repeats)
+    scoring = median_seconds(lambda: evaluate(bank, {p: data.test for p in peers}, 64, group=group), repeats, 0)
+    return {"step": step, "eval": scoring, "fill": fill, "group": group}
+
+
+def bench_prefix(repeats: int) -> None:
+    print(f"prefix: packaged MiniLM, {PREFIX_PEERS} hosted peers, health tweets (max_length 64, padded per batch):"
+          " one local step of every peer (batch 16) and one evaluation of every peer (test set of 64)")
+    data = build_data(DataConfig(name="packaged:health_tweets", partition="iid", train_samples=32 * PREFIX_PEERS,
+                                 test_samples=64), list(range(PREFIX_PEERS)), 0,
+                      load_tokenizer(ModelConfig(name="packaged:minilm")), 64)
+    rows = {label: _prefix_case(layers, cache, data, repeats) for label, (layers, cache) in PREFIX_CASES.items()}
+    base = rows["all blocks"]
+    for label, row in rows.items():
+        fill = f" | cache filled once in {row['fill']:.2f} s" if row["fill"] else ""
+        print(f"  {label:<14} step {row['step']:7.3f} s ({base['step'] / row['step']:4.2f}x faster than all blocks)"
+              f" | eval {row['eval']:7.3f} s ({base['eval'] / row['eval']:4.2f}x){fill}"
+              f" | {row['group']} peer(s) per forward")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["align", "exchange", "wire", "memory", "scale"], action="append",
+    parser.add_argument("--only", choices=["align", "exchange", "wire", "memory", "scale", "prefix"], action="append",
                         help="run only these benchmarks (repeatable)")
     parser.add_argument("--repeats", type=int, default=30, help="timed repetitions per measurement (median)")
     parser.add_argument("--peers", type=int, default=8, help="peers hosted in the memory benchmark")
@@ -340,6 +384,8 @@ def main() -> None:
         bench_memory(args.peers)
     if "scale" in (args.only or []):
         bench_scale(args.models, args.one_by_one_limit)
+    if "prefix" in (args.only or []):
+        bench_prefix(args.repeats)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def test_bank_gives_peft_loss_and_gradients_alone_and_together(case: str) -> Non
             group_labels = labels if together else batches[group[0]][1]
             sizes = [len(batches[p][1]) for p in chosen]
             with bank.running(bank.rows(chosen), sizes, flags) as leaves:
-                scores = batch_scores(bank, group_inputs, group_labels, sizes)
+                scores = batch_scores(bank, Dataset(group_inputs, group_labels), sizes)
                 mean = scores.loss / scores.counted
                 mean.sum().backward()
             for row, peer in enumerate(chosen):
