@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from typing import Sequence
 
@@ -67,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # line of its own (set TORCH_CPP_LOG_LEVEL to see torch's logs). Read when torch loads, below.
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
     args = build_parser().parse_args(argv)
+    args.invocation = shlex.join(["p2p-fedrot", *(sys.argv[1:] if argv is None else argv)])  # stamped on reports
     try:
         if args.command == "run":
             return command_run(args)
@@ -99,8 +101,7 @@ def command_run(args: argparse.Namespace) -> int:
 def command_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    path = write_report(args.runs, args.out)
-    print(path.read_text())
+    print(write_report(args.runs, args.out, args.invocation).terminal_text(), end="")
     return 0
 
 
@@ -115,9 +116,7 @@ def command_sweep(args: argparse.Namespace) -> int:
     failed = run_sweep(runs, args.config, out, args.jobs, args.nproc)
     finished = [run.folder for run in runs if run not in failed]
     if finished:
-        path = write_report(finished, out / "report")
-        print(path.read_text())
-        print(f"report: {path}")
+        print(write_report(finished, out / "report", args.invocation).terminal_text(), end="")
     if failed:
         print(f"p2p-fedrot: error: {len(failed)} of {len(runs)} runs failed ({', '.join(r.label for r in failed)}); "
               f"their logs are in {out / 'logs'}; run the same command again to retry them", file=sys.stderr)

@@ -30,6 +30,7 @@ from .io import atomic_write_json
 from .mixer import Mixer, MixOutcome
 from .model import CAUSAL_LM, build_bank, load_tokenizer, task_of
 from .outputs import StartPlan
+from .provenance import code_version
 from .records import RoundClock, print_progress, round_float, round_record
 from .runtime import Runtime, agree, init_runtime, launch_id, plain_process_name, usable_cores
 from .schedule import MixingSchedule
@@ -275,6 +276,7 @@ class Experiment:
             "final_min_accuracy": last.get("min_accuracy"),
             "final_consensus_distance": last.get("consensus_distance"),
             "wall_time_s": round_float(wall),
+            "code": code_version(),
         }
         atomic_write_json(self.out / outputs.SUMMARY, summary)
         return summary
