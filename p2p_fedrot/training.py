@@ -91,7 +91,7 @@ def peers_per_forward(setting: str | bool | int, bank: PeerBank, data: Dataset, 
     time). auto: all of them on a GPU (sequential small batches leave it idle) and, on CPU, for
     small models, whose steps cost less than the per-peer Python overhead; one at a time for larger
     models on CPU, where a joint forward is no faster and holds every peer's activations at once
-    (measured: README, speed and memory)."""
+    (measured: docs/performance.md, many peers in one process)."""
     hosted = len(bank.peers)
     if setting is True or setting is False:
         return hosted if setting else 1

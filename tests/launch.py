@@ -21,7 +21,7 @@ TOY = str(ROOT / "configs" / "toy.yaml")
 TIMING_KEYS = ("time_s", "seconds")  # the only fields of metrics.jsonl allowed to differ between runs
 # torchrun checks its workers every 0.1 s by default, and when one dies it stops the others at the next
 # check: it may stop a survivor before the survivor has seen its neighbour go and named it. Tests that
-# kill a worker give the survivors 2 s, as the README advises.
+# kill a worker give the survivors 2 s, as docs/reproducibility.md advises.
 SLOW_MONITOR = "--monitor-interval=2"
 
 

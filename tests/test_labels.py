@@ -35,7 +35,7 @@ def test_consensus_adapter_gives_named_predictions_with_peft(tmp_path: Path) -> 
         assert saved["id2label"] == {str(i): name for i, name in enumerate(BBC_CLASSES)}
         assert saved["label2id"] == {name: i for i, name in enumerate(BBC_CLASSES)}
 
-    adapter = adapters / "consensus"  # the five lines of the README
+    adapter = adapters / "consensus"  # the five lines of docs/outputs.md
     source = PeftConfig.from_pretrained(adapter).base_model_name_or_path
     labels = AutoConfig.from_pretrained(adapter)
     base = AutoModelForSequenceClassification.from_pretrained(source, id2label=labels.id2label,

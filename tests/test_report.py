@@ -26,7 +26,7 @@ def test_report_compares_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
         runs.append(str(out))
     assert main(["report", *runs, "--out", str(tmp_path / "report")]) == 0
     table = (tmp_path / "report" / "summary.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| topology=")]
+    rows = [line for line in table.split("## Findings")[0].splitlines() if line.startswith("| topology=")]
     assert len(rows) == 2
     assert "| topology=complete | complete | fedrot | 1 | 1.0000 |" in table  # complete graph: spectral gap 1
     for plot in ("accuracy.png", "consensus.png", "accuracy_vs_gap.png", "accuracy_vs_bytes.png"):

@@ -18,7 +18,7 @@ an extra message. ``reference``:
   sum_j w_j ||X_j R_j - mean||^2 (each step minimises it over the R_j, then over the mean).
 
 ``reference: auto`` (the default) is ``consensus`` in server mode, which is then exactly FedRot-LoRA,
-and ``neighbours`` in gossip mode, where the alignment study (README) found it never worse than
+and ``neighbours`` in gossip mode, where the alignment study (docs/alignment.md) found it never worse than
 consensus and far better when the neighbours' factors are misaligned; ``lam: auto`` is the paper's
 0.4 for consensus and 1 (full rotation) for the receiver-side references.
 
