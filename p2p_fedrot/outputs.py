@@ -53,7 +53,7 @@ class StartPlan:
 def plan_start(config: RunConfig) -> StartPlan:
     """Decide from the files in ``out`` how this run starts (the same answer on every process)."""
     out, wanted = Path(config.out), config.to_dict()
-    _require_folder_path(out)
+    require_folder_path(out)
     found = checkpoint.latest(out)
     # torchrun restarts crashed workers with the same arguments: overwrite and resume: false apply to
     # the launch, not to each restart, which must go on from what this launch has checkpointed
@@ -79,13 +79,13 @@ def plan_start(config: RunConfig) -> StartPlan:
     return StartPlan(0)
 
 
-def _require_folder_path(out: Path) -> None:
+def require_folder_path(out: Path, setting: str = "out") -> None:
     """Name a file standing where ``out`` or one of its parents must be a folder, before anything is
     written (creating the folder would only say 'Not a directory' or 'File exists')."""
     for part in (out, *out.parents):
         if part.exists() and not part.is_dir():
-            raise ConfigError(f"out={out} cannot be a folder: {part} is a file; move that file away, or set out to "
-                              "another path")
+            raise ConfigError(f"{setting}={out} cannot be a folder: {part} is a file; move that file away, or set "
+                              f"{setting} to another path")
 
 
 def _require_same_run(wanted: dict[str, Any], found: dict[str, Any], what: str) -> None:

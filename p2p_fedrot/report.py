@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .findings import findings_markdown, study_findings
 from .io import atomic_write_json, atomic_write_png, atomic_write_text
+from .outputs import require_folder_path
 from .provenance import describe
 from .run_groups import Group, effective_gap, group_runs, group_stats, load_run, mean_std, per_round
 
@@ -226,6 +227,7 @@ def write_report(run_dirs: list[str], out: str | os.PathLike, command: str | Non
     stats = [group_stats(g) for g in groups]
     stamp = made_by(loaded, command)
     folder = Path(out)
+    require_folder_path(folder, "--out")
     folder.mkdir(parents=True, exist_ok=True)
     plot_per_round(groups, "mean_accuracy", "mean test accuracy over peers", folder / "accuracy.png", stamp)
     consensus_key = "consensus_distance_rel" if _recorded(groups, "consensus_distance_rel") else "consensus_distance"

@@ -26,7 +26,7 @@ from .errors import ConfigError
 from .io import read_json
 from .methods import available_methods
 from .topology import build_topology
-from .outputs import CONFIG, SUMMARY
+from .outputs import CONFIG, SUMMARY, require_folder_path
 from .runtime import usable_cores
 
 LOGS = "logs"  # OUT/logs/<cell>_seed<k>.log: each run's own output
@@ -96,6 +96,7 @@ def cell_name(assignments: Sequence[tuple[str, Any]]) -> str:
 def plan(config_file: str, grids: Sequence[tuple[str, list[Any]]], seeds: Sequence[int], out: Path,
          overrides: Sequence[str]) -> list[PlannedRun]:
     """Every (cell, seed) run, its config resolved and validated now, so a bad value fails before any run."""
+    require_folder_path(out, "--out")
     keys = [key for key, _ in grids]
     if len(set(keys)) != len(keys):
         raise ConfigError(f"--grid names a key twice ({', '.join(keys)}); give each key once with all its values")

@@ -97,3 +97,16 @@ def test_a_report_names_its_command_and_every_code_version_and_the_terminal_gets
     summary = (out / "summary.md").read_text()
     assert made_by.replace("\n", "  \n") in summary
     assert json.loads((out / "summary.json").read_text())["made_by"]["command"] == command
+
+
+@pytest.mark.parametrize("command", ["report", "sweep"])
+def test_an_out_under_a_file_is_named_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                          command: str) -> None:
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file where a folder must go")
+    run = finished_run(tmp_path / "run", "fedit", "ring", 0, 0.6)
+    source = [run] if command == "report" else [str(Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"),
+                                                "--seeds", "0"]
+    assert main([command, *source, "--out", str(blocker / "report")]) == 2
+    assert capsys.readouterr().err == (f"p2p-fedrot: error: --out={blocker / 'report'} cannot be a folder: {blocker} "
+                                       "is a file; move that file away, or set --out to another path\n")
