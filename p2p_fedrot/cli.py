@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def command_run(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .runner import run
+    from .run.loop import run
 
     flags = [*(["resume=true"] if args.resume else []), *(["overwrite=true"] if args.overwrite else [])]
     config = load_config(args.config, [*args.overrides, *flags])
@@ -99,7 +99,7 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def command_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .study.report import write_report
 
     print(write_report(args.runs, args.out, args.invocation).terminal_text(), end="")
     return 0
@@ -108,8 +108,8 @@ def command_report(args: argparse.Namespace) -> int:
 def command_sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .report import write_report
-    from .sweep import parse_grid, parse_seeds, plan, run_sweep
+    from .study.report import write_report
+    from .study.sweep import parse_grid, parse_seeds, plan, run_sweep
 
     out = Path(args.out)
     runs = plan(args.config, [parse_grid(item) for item in args.grid], parse_seeds(args.seeds), out, args.overrides)
@@ -125,10 +125,10 @@ def command_sweep(args: argparse.Namespace) -> int:
 
 
 def command_topology(args: argparse.Namespace) -> int:
-    from .consensus import predicted_consensus_error, simulated_consensus_error
-    from .mixing import DENSE_SPECTRAL_LIMIT, compose
-    from .schedule import MixingSchedule
-    from .topology import build_topology, check_drawable, draw_topology, progress_to, topology_stats
+    from .graph.schedule import MixingSchedule
+    from .graph.simulation import predicted_consensus_error, simulated_consensus_error
+    from .graph.topologies import build_topology, check_drawable, draw_topology, progress_to, topology_stats
+    from .graph.weights import DENSE_SPECTRAL_LIMIT, compose
 
     if args.peers < 2:
         raise ConfigError("--peers must be at least 2")

@@ -18,9 +18,7 @@ from typing import Any, Union
 import yaml
 
 from .errors import ConfigError
-from .faults import KINDS
 from .io import atomic_write_text
-from .validation import POLICIES
 
 
 @dataclass
@@ -81,6 +79,10 @@ class TrainConfig:
 class EvalConfig:
     every: int = 1
     batch_size: int = 256
+
+
+BAD_PAYLOAD_POLICIES = ("fail", "drop")  # comm.on_bad_payload (comm/screening.py applies them)
+FAULT_KINDS = ("nan", "inf", "scale", "truncate")  # comm.inject_fault kinds (comm/faults.py makes them)
 
 
 @dataclass
@@ -270,7 +272,7 @@ def validate(config: RunConfig) -> None:
         (config.comm.timeout_s > 0, "comm.timeout_s must be positive (seconds to wait for a neighbour)"),
         (config.comm.max_norm_ratio > 1, "comm.max_norm_ratio must be above 1 (a neighbour's payload norm may be "
                                          "at most this times the receiver's own)"),
-        (config.comm.on_bad_payload in POLICIES, f"comm.on_bad_payload must be one of {', '.join(POLICIES)}"),
+        (config.comm.on_bad_payload in BAD_PAYLOAD_POLICIES, f"comm.on_bad_payload must be one of {', '.join(BAD_PAYLOAD_POLICIES)}"),
         (0.0 < config.participation <= 1.0, "participation must be in (0, 1] (the probability that a peer takes "
                                             "part in a round)"),
         (config.resume in (True, False, "auto"), f"resume = {config.resume!r} must be auto, true or false"),
@@ -318,12 +320,12 @@ def _fault_checks(config: RunConfig) -> list[tuple[bool, str]]:
     fault = config.comm.inject_fault
     if fault is None:
         return []
-    usage = "comm.inject_fault must look like {peer: 3, round: 5, kind: nan} with kind one of " + ", ".join(KINDS)
+    usage = "comm.inject_fault must look like {peer: 3, round: 5, kind: nan} with kind one of " + ", ".join(FAULT_KINDS)
     if set(fault) != {"peer", "round", "kind"}:
         return [(False, f"{usage}; got keys {sorted(fault)}")]
     peer, round = fault["peer"], fault["round"]
     return [
-        (fault["kind"] in KINDS, f"{usage}; got kind {fault['kind']!r}"),
+        (fault["kind"] in FAULT_KINDS, f"{usage}; got kind {fault['kind']!r}"),
         (type(peer) is int and 0 <= peer < config.peers, f"comm.inject_fault.peer = {peer!r} must be a peer in "
                                                           f"0..{config.peers - 1}"),
         (type(round) is int and 0 <= round < config.rounds, f"comm.inject_fault.round = {round!r} must be a round "

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from p2p_fedrot.config import load_config
-from p2p_fedrot.runner import run
+from p2p_fedrot.run.loop import run
 
 ROOT = Path(__file__).resolve().parents[1]
 INITS = {"shared": [], "per_peer": ["model.lora.init=per_peer"], "rotated": ["model.lora.init=rotated"],

@@ -43,16 +43,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from p2p_fedrot.align import align_modules, align_pair
+from p2p_fedrot.methods.procrustes import align_modules, align_pair
 from p2p_fedrot.config import DataConfig, LoraSettings, ModelConfig, TrainConfig
-from p2p_fedrot.data import build_data
-from p2p_fedrot.gossip import collect_mix_inputs, routes_of
-from p2p_fedrot.mixing import mixing_matrix
-from p2p_fedrot.model import build_bank, load_tokenizer
-from p2p_fedrot.runtime import init_runtime
-from p2p_fedrot.training import BankTrainer, evaluate, peers_per_forward
-from p2p_fedrot.topology import build_topology
-from p2p_fedrot.transport import Placement, Transport
+from p2p_fedrot.data.federated import build_data
+from p2p_fedrot.comm.routes import collect_mix_inputs, routes_of
+from p2p_fedrot.graph.weights import mixing_matrix
+from p2p_fedrot.peers.models import build_bank, load_tokenizer
+from p2p_fedrot.comm.runtime import init_runtime
+from p2p_fedrot.peers.training import BankTrainer, evaluate, peers_per_forward
+from p2p_fedrot.graph.topologies import build_topology
+from p2p_fedrot.comm.transport import Placement, Transport
 
 # (label, modules, r, d_in, d_out): LoRA on query/value of the packaged MiniLM, and on q/v of a
 # 30-layer decoder of SmolLM2-135M's widths (v is narrower there, but the SVDs are r x r either way).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from p2p_fedrot.align import align_modules, align_pair, fit_rotations, misfit, rotate, soft_rotation
+from p2p_fedrot.methods.procrustes import align_modules, align_pair, fit_rotations, misfit, rotate, soft_rotation
 
 R_, D_IN, D_OUT = 8, 64, 64
 LAMS = (0.0, 0.3, 0.5, 1.0)

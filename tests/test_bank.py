@@ -10,12 +10,12 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 
-from p2p_fedrot.adapters import save_peer_adapters
+from p2p_fedrot.peers.adapters import save_peer_adapters
 from p2p_fedrot.config import ModelConfig, TrainConfig
-from p2p_fedrot.data import Dataset
-from p2p_fedrot.model import _base_model, build_bank, load_tokenizer, random_rotation, task_of
-from p2p_fedrot.optimizers import PeerOptimizers
-from p2p_fedrot.training import BankTrainer, batch_scores, logits_of
+from p2p_fedrot.data.federated import Dataset
+from p2p_fedrot.peers.models import _base_model, build_bank, load_tokenizer, random_rotation, task_of
+from p2p_fedrot.peers.optimizers import PeerOptimizers
+from p2p_fedrot.peers.training import BankTrainer, batch_scores, logits_of
 
 CPU = torch.device("cpu")
 PEERS = [0, 1, 2]

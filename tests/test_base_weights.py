@@ -14,11 +14,11 @@ import torch
 from multiproc import spawn_ranks
 from p2p_fedrot.config import LoraSettings, ModelConfig, load_config
 from p2p_fedrot.errors import ConfigError
-from p2p_fedrot.bank import PeerBank
+from p2p_fedrot.peers.bank import PeerBank
 from p2p_fedrot.methods import Method, MethodContext, PeerState, make_method, trains_dense_deltas
-from p2p_fedrot.model import build_bank
-from p2p_fedrot.runner import Experiment
-from p2p_fedrot.runtime import init_runtime
+from p2p_fedrot.peers.models import build_bank
+from p2p_fedrot.run.loop import Experiment
+from p2p_fedrot.comm.runtime import init_runtime
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

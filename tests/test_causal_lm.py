@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from p2p_fedrot.config import load_config
-from p2p_fedrot.model import _held_stderr
-from p2p_fedrot.runner import Experiment
-from p2p_fedrot.runtime import init_runtime
+from p2p_fedrot.peers.models import _held_stderr
+from p2p_fedrot.run.loop import Experiment
+from p2p_fedrot.comm.runtime import init_runtime
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

@@ -10,12 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from p2p_fedrot import checkpoint, training
+from p2p_fedrot.run import checkpoint
+from p2p_fedrot.peers import training
 from p2p_fedrot.config import load_config
 from p2p_fedrot.errors import ConfigError
-from p2p_fedrot.hosting import HostedPeers
-from p2p_fedrot.runner import Experiment
-from p2p_fedrot.runtime import init_runtime
+from p2p_fedrot.run.hosting import HostedPeers
+from p2p_fedrot.run.loop import Experiment
+from p2p_fedrot.comm.runtime import init_runtime
 
 import launch
 from launch import assert_identical_runs, toy_args

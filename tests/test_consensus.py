@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from p2p_fedrot.cli import main
-from p2p_fedrot.mixing import is_doubly_stochastic, mixing_matrix, second_eigenvalue_modulus
-from p2p_fedrot.topology import build_topology
+from p2p_fedrot.graph.weights import is_doubly_stochastic, mixing_matrix, second_eigenvalue_modulus
+from p2p_fedrot.graph.topologies import build_topology
 
 
 def simulate(capsys: pytest.CaptureFixture, spec: str, peers: int, rounds: int) -> dict:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from p2p_fedrot.config import DataConfig
-from p2p_fedrot.data import build_data, partition_labels
+from p2p_fedrot.data.federated import build_data, partition_labels
 from p2p_fedrot.errors import ConfigError
 
 LABELS = np.random.default_rng(0).integers(0, 10, size=3000)

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from p2p_fedrot import hosting
+from p2p_fedrot.run import hosting
 from p2p_fedrot.config import load_config
-from p2p_fedrot.runner import Experiment
-from p2p_fedrot.runtime import init_runtime
-from p2p_fedrot.training import evaluate
+from p2p_fedrot.run.loop import Experiment
+from p2p_fedrot.comm.runtime import init_runtime
+from p2p_fedrot.peers.training import evaluate
 
 TOY = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
 

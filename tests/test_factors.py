@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from p2p_fedrot.config import ModelConfig
-from p2p_fedrot.model import build_bank
+from p2p_fedrot.peers.models import build_bank
 
 
 def toy_bank(peers=(0, 1)):

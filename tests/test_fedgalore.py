@@ -13,17 +13,17 @@ import pytest
 import torch
 from peft import PeftModel
 
-from p2p_fedrot import galore
-from p2p_fedrot.adapters import add_dense_deltas, save_peer_adapters
+from p2p_fedrot.peers import galore
+from p2p_fedrot.peers.adapters import add_dense_deltas, save_peer_adapters
 from p2p_fedrot.config import TrainConfig, load_config
 from p2p_fedrot.errors import ConfigError
-from p2p_fedrot.factors import layout_of_state
-from p2p_fedrot.galore import GaLoreSettings
+from p2p_fedrot.peers.factors import layout_of_state
+from p2p_fedrot.peers.galore import GaLoreSettings
 from p2p_fedrot.methods import MethodContext, PeerState, make_method
-from p2p_fedrot.model import _base_model, build_bank
-from p2p_fedrot.optimizers import LiftedMoments, PeerOptimizers
-from p2p_fedrot.runner import Experiment
-from p2p_fedrot.runtime import init_runtime
+from p2p_fedrot.peers.models import _base_model, build_bank
+from p2p_fedrot.peers.optimizers import LiftedMoments, PeerOptimizers
+from p2p_fedrot.run.loop import Experiment
+from p2p_fedrot.comm.runtime import init_runtime
 
 import launch
 from launch import assert_identical_runs, toy_args

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from p2p_fedrot.records import RoundClock
-from p2p_fedrot.runner import Experiment
+from p2p_fedrot.run.records import RoundClock
+from p2p_fedrot.run.loop import Experiment
 from test_methods import FEDROT_SIDES, experiment, fedrot, spun_row
 
 # gossip fedrot aligning to the neighbourhood, from an init turned by a rotation per peer, with SGD momentum

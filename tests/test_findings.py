@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from p2p_fedrot.cli import main
-from p2p_fedrot.findings import consensus_contraction, gap_order, paired_differences
-from p2p_fedrot.run_groups import group_runs, group_stats, load_run
+from p2p_fedrot.study.findings import consensus_contraction, gap_order, paired_differences
+from p2p_fedrot.study.groups import group_runs, group_stats, load_run
 
 GAPS = {"ring": 0.05, "torus": 0.4, "complete": 1.0}
 CODE = {"version": "0.1.0", "commit": "a" * 40, "modified": False}

@@ -16,13 +16,14 @@ from scipy import sparse
 
 from multiproc import spawn_ranks
 from p2p_fedrot.errors import PeerError
-from p2p_fedrot.gossip import collect_mix_inputs, keeps_own_value, routes_of, row_entries, weighted_sum
-from p2p_fedrot.mixing import mixing_matrix, server_mixing_steps
-from p2p_fedrot.participation import present_peers, restrict
-from p2p_fedrot.topology import build_topology
-from p2p_fedrot.group import ProcessGroup
-from p2p_fedrot.runtime import Runtime, agree, collective, init_runtime
-from p2p_fedrot.transport import Placement, Transport
+from p2p_fedrot.comm.routes import collect_mix_inputs, keeps_own_value, routes_of, row_entries
+from p2p_fedrot.exact import weighted_sum
+from p2p_fedrot.graph.weights import mixing_matrix, server_mixing_steps
+from p2p_fedrot.graph.participation import present_peers, restrict
+from p2p_fedrot.graph.topologies import build_topology
+from p2p_fedrot.comm.collectives import ProcessGroup
+from p2p_fedrot.comm.runtime import Runtime, agree, collective, init_runtime
+from p2p_fedrot.comm.transport import Placement, Transport
 
 PEERS = 8
 GRAPHS = {

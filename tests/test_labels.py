@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from p2p_fedrot.config import load_config
-from p2p_fedrot.runner import Experiment
-from p2p_fedrot.runtime import init_runtime
+from p2p_fedrot.run.loop import Experiment
+from p2p_fedrot.comm.runtime import init_runtime
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -65,8 +65,8 @@ def test_synthetic_classes_are_named_by_their_ids(tmp_path: Path) -> None:
 
 def test_a_csv_dataset_names_its_classes_by_its_label_strings(tmp_path: Path) -> None:
     from p2p_fedrot.config import DataConfig, ModelConfig
-    from p2p_fedrot.data import build_data
-    from p2p_fedrot.model import load_tokenizer
+    from p2p_fedrot.data.federated import build_data
+    from p2p_fedrot.peers.models import load_tokenizer
 
     path = tmp_path / "mail.csv"
     rows = [("win money now", "spam"), ("lunch at noon?", "ham"), ("free prize", "spam"), ("see you at five", "ham")]

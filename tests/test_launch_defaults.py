@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from launch import ROOT, TOY, environment
-from p2p_fedrot.runtime import process_group_timeout
+from p2p_fedrot.comm.runtime import process_group_timeout
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to restrict a run to one")

@@ -9,17 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from p2p_fedrot.align import misfit
+from p2p_fedrot.methods.procrustes import misfit
 from p2p_fedrot.config import load_config
 from p2p_fedrot.errors import ConfigError
-from p2p_fedrot.factors import FactorLayout, layout_of_state
-from p2p_fedrot.gossip import row_entries, weighted_sum
+from p2p_fedrot.peers.factors import FactorLayout, layout_of_state
+from p2p_fedrot.comm.routes import row_entries
+from p2p_fedrot.exact import weighted_sum
 from p2p_fedrot.methods import MethodContext, PeerState, make_method
 from p2p_fedrot.methods.decaf import truncated_product_svd
 from p2p_fedrot.methods.fedrot import FedRot
-from p2p_fedrot.records import RoundClock
-from p2p_fedrot.runner import Experiment
-from p2p_fedrot.runtime import init_runtime
+from p2p_fedrot.run.records import RoundClock
+from p2p_fedrot.run.loop import Experiment
+from p2p_fedrot.comm.runtime import init_runtime
 
 TOY = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
 
@@ -479,9 +480,9 @@ def test_fedex_effective_weights_are_the_exact_average_of_products(tmp_path: Pat
 
 
 def test_centralized_is_one_learner_on_the_pooled_data(tmp_path: Path) -> None:
-    from p2p_fedrot.data import pool
-    from p2p_fedrot.hosting import POOLED_STREAM
-    from p2p_fedrot.training import BankTrainer, evaluate
+    from p2p_fedrot.data.federated import pool
+    from p2p_fedrot.run.hosting import POOLED_STREAM
+    from p2p_fedrot.peers.training import BankTrainer, evaluate
 
     exp = experiment(tmp_path / "run", "method=centralized", "rounds=3")
     config = exp.config
@@ -523,7 +524,7 @@ def test_decaf_gives_two_peers_holding_one_product_the_same_factors() -> None:
     """The SVD fixes singular pairs only up to sign: with the sign convention, factors of one product
     come out identical however the inputs were expressed (flipped or rotated)."""
     from p2p_fedrot.methods.decaf import truncated_product_svd
-    from p2p_fedrot.model import random_rotation
+    from p2p_fedrot.peers.models import random_rotation
 
     generator = torch.Generator().manual_seed(2)
     B, A = torch.randn(12, 4, generator=generator), torch.randn(4, 9, generator=generator)

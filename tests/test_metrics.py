@@ -8,10 +8,10 @@ import torch
 import torch.distributed as dist
 
 from multiproc import distributed_reduce, local_reduce, spawn_ranks
-from p2p_fedrot import metrics
-from p2p_fedrot.factors import FactorLayout, TensorSpec
-from p2p_fedrot.metrics import aggregation_errors, consensus_distance
-from p2p_fedrot.reduction import Reduce, exact_sum
+from p2p_fedrot.run import metrics
+from p2p_fedrot.peers.factors import FactorLayout, TensorSpec
+from p2p_fedrot.run.metrics import aggregation_errors, consensus_distance
+from p2p_fedrot.exact import Reduce, exact_sum
 from test_reduction import run_split, spread_values
 
 PEERS = 8
@@ -169,7 +169,7 @@ def test_aggregation_error_of_a_peer_mixing_only_itself_is_zero() -> None:
 
 
 def test_rotational_disagreement_is_all_of_a_pure_rotation_and_none_of_identical_factors() -> None:
-    from p2p_fedrot.model import random_rotation
+    from p2p_fedrot.peers.models import random_rotation
 
     generator = torch.Generator().manual_seed(4)
     own = torch.randn(LAYOUT.numel, generator=generator)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import sparse
 
-from p2p_fedrot import mixing
-from p2p_fedrot.mixing import (
+from p2p_fedrot.graph import weights as mixing
+from p2p_fedrot.graph.weights import (
     DENSE_SPECTRAL_LIMIT,
     SCHEMES,
     MixingError,

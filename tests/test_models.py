@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from p2p_fedrot.config import ModelConfig, load_config
 from p2p_fedrot.errors import ConfigError
-from p2p_fedrot.model import task_of
-from p2p_fedrot.runner import Experiment
-from p2p_fedrot.runtime import init_runtime
+from p2p_fedrot.peers.models import task_of
+from p2p_fedrot.run.loop import Experiment
+from p2p_fedrot.comm.runtime import init_runtime
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -85,7 +85,7 @@ def test_bad_input_names_the_key_and_the_fix(tmp_path: Path, override: str, need
 
 
 def test_peers_not_divisible_by_processes_is_a_clear_error() -> None:
-    from p2p_fedrot.transport import Placement
+    from p2p_fedrot.comm.transport import Placement
 
     with pytest.raises(ConfigError, match="multiple of the process count"):
         Placement(peers=6, world=4, rank=0)

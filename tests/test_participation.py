@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from scipy import sparse
 
-from p2p_fedrot.gossip import routes_of, row_entries
+from p2p_fedrot.comm.routes import routes_of, row_entries
 from p2p_fedrot.methods import MethodContext, make_method
-from p2p_fedrot.mixing import compose, mixing_matrix, server_mixing_steps
-from p2p_fedrot.participation import present_peers, restrict
-from p2p_fedrot.schedule import MixingSchedule, written_mixing
-from p2p_fedrot.topology import build_topology
+from p2p_fedrot.graph.weights import compose, mixing_matrix, server_mixing_steps
+from p2p_fedrot.graph.participation import present_peers, restrict
+from p2p_fedrot.graph.schedule import MixingSchedule, written_mixing
+from p2p_fedrot.graph.topologies import build_topology
 
 
 def test_presence_is_a_function_of_seed_and_round_with_the_hub_always_there() -> None:
@@ -148,8 +148,8 @@ def test_the_spectral_gap_is_computed_only_for_a_method_that_reads_it() -> None:
 def test_a_method_that_changes_the_shared_base_weights_needs_every_client(tmp_path) -> None:
     from p2p_fedrot.config import load_config
     from p2p_fedrot.errors import ConfigError
-    from p2p_fedrot.runner import Experiment
-    from p2p_fedrot.runtime import init_runtime
+    from p2p_fedrot.run.loop import Experiment
+    from p2p_fedrot.comm.runtime import init_runtime
 
     from launch import TOY
 

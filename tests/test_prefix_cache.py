@@ -12,14 +12,14 @@ import torch
 from peft import PeftModel
 
 from launch import assert_identical_runs, kill_group, run, start, wait_for_round
-from p2p_fedrot import prefix
-from p2p_fedrot.adapters import save_peer_adapters
-from p2p_fedrot.bank import PeerStreams
+from p2p_fedrot.peers import prefix
+from p2p_fedrot.peers.adapters import save_peer_adapters
+from p2p_fedrot.peers.bank import PeerStreams
 from p2p_fedrot.config import LoraSettings, ModelConfig, TrainConfig, load_config
-from p2p_fedrot.data import as_corpus, joined
+from p2p_fedrot.data.federated import as_corpus, joined
 from p2p_fedrot.errors import ConfigError
-from p2p_fedrot.model import _base_model, build_bank, load_tokenizer, task_of
-from p2p_fedrot.training import batch_scores, part_flags
+from p2p_fedrot.peers.models import _base_model, build_bank, load_tokenizer, task_of
+from p2p_fedrot.peers.training import batch_scores, part_flags
 from test_bank import random_rows
 
 CPU = torch.device("cpu")

@@ -12,7 +12,7 @@ import torch
 
 from multiproc import local_reduce
 
-from p2p_fedrot.reduction import Reduce, exact_sum
+from p2p_fedrot.exact import Reduce, exact_sum
 
 
 class ThreadedGroup:

@@ -9,9 +9,9 @@ import pytest
 
 from p2p_fedrot.cli import main
 from p2p_fedrot.config import load_config
-from p2p_fedrot.report import group_runs, group_stats, load_run, per_round, predicted_decay, summary_table
-from p2p_fedrot.runner import Experiment
-from p2p_fedrot.runtime import init_runtime
+from p2p_fedrot.study.report import group_runs, group_stats, load_run, per_round, predicted_decay, summary_table
+from p2p_fedrot.run.loop import Experiment
+from p2p_fedrot.comm.runtime import init_runtime
 
 TOY = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

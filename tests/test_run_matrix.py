@@ -17,8 +17,8 @@ from launch import TOY, assert_identical_runs
 from multiproc import spawn_ranks
 from p2p_fedrot.config import load_config
 from p2p_fedrot.methods import available_methods, method_class
-from p2p_fedrot.runner import run_in
-from p2p_fedrot.runtime import init_runtime
+from p2p_fedrot.run.loop import run_in
+from p2p_fedrot.comm.runtime import init_runtime
 
 # small enough that the whole matrix costs seconds per cell; batch_peers off and one thread make
 # P = 1 and P = 2 bit-identical (the reproducibility contract)

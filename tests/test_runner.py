@@ -14,13 +14,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from p2p_fedrot.align import align_modules
+from p2p_fedrot.methods.procrustes import align_modules
 from p2p_fedrot.config import load_config
-from p2p_fedrot.data import build_data
-from p2p_fedrot.model import build_bank
-from p2p_fedrot.runner import Experiment, startup_header
-from p2p_fedrot.training import BankTrainer
-from p2p_fedrot.runtime import init_runtime
+from p2p_fedrot.data.federated import build_data
+from p2p_fedrot.peers.models import build_bank
+from p2p_fedrot.run.loop import Experiment, startup_header
+from p2p_fedrot.peers.training import BankTrainer
+from p2p_fedrot.comm.runtime import init_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "configs" / "toy.yaml")
@@ -194,10 +194,10 @@ def test_metrics_are_strict_json_even_without_local_test_splits(tmp_path: Path) 
 def test_topology_json_lists_the_nonzero_weights_of_a_large_graph() -> None:
     from scipy import sparse
 
-    from p2p_fedrot.mixing import mixing_matrix
-    from p2p_fedrot.mixing import DENSE_SPECTRAL_LIMIT
-    from p2p_fedrot.schedule import written_mixing
-    from p2p_fedrot.topology import build_topology
+    from p2p_fedrot.graph.weights import mixing_matrix
+    from p2p_fedrot.graph.weights import DENSE_SPECTRAL_LIMIT
+    from p2p_fedrot.graph.schedule import written_mixing
+    from p2p_fedrot.graph.topologies import build_topology
 
     small = mixing_matrix(build_topology("ring", 8, seed=0).graph_at(0))
     assert written_mixing([small]) == {"W": small.toarray().tolist()}

@@ -14,9 +14,9 @@ import datasets  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from p2p_fedrot import sources  # noqa: E402
+from p2p_fedrot.data import sources  # noqa: E402
 from p2p_fedrot.errors import ConfigError  # noqa: E402
-from p2p_fedrot.sources import PACKAGED, TextCorpus, load_text_corpus  # noqa: E402
+from p2p_fedrot.data.sources import PACKAGED, TextCorpus, load_text_corpus  # noqa: E402
 
 
 def _check_shape(corpus: TextCorpus, classes: int) -> None:

@@ -16,7 +16,7 @@ import yaml
 
 from p2p_fedrot.cli import main
 from p2p_fedrot.errors import ConfigError
-from p2p_fedrot.sweep import cell_name, parse_grid, parse_seeds, plan
+from p2p_fedrot.study.sweep import cell_name, parse_grid, parse_seeds, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "configs" / "toy.yaml")

@@ -11,10 +11,10 @@ import pytest
 
 from p2p_fedrot.config import load_config
 from p2p_fedrot.errors import ConfigError
-from p2p_fedrot.hosting import HostedPeers
-from p2p_fedrot.outputs import TENSORBOARD, TensorBoardWriter
-from p2p_fedrot.runner import Experiment
-from p2p_fedrot.runtime import init_runtime
+from p2p_fedrot.run.hosting import HostedPeers
+from p2p_fedrot.run.outputs import TENSORBOARD, TensorBoardWriter
+from p2p_fedrot.run.loop import Experiment
+from p2p_fedrot.comm.runtime import init_runtime
 
 TOY = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
 

@@ -10,11 +10,11 @@ import pytest
 import yaml
 from scipy import sparse
 
-from p2p_fedrot import topology as topology_module
+from p2p_fedrot.graph import topologies as topology_module
 from p2p_fedrot.cli import main
-from p2p_fedrot.mixing import mixing_matrix
-from p2p_fedrot.schedule import MixingSchedule
-from p2p_fedrot.topology import (
+from p2p_fedrot.graph.weights import mixing_matrix
+from p2p_fedrot.graph.schedule import MixingSchedule
+from p2p_fedrot.graph.topologies import (
     CATALOGUE,
     MAX_EDGES,
     TopologyError,

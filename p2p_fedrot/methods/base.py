@@ -23,10 +23,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..factors import PARTS, FactorLayout
-from ..galore import GaLoreSettings
-from ..gossip import weighted_sum
-from ..reduction import Reduce, exact_sum
+from ..exact import Reduce, exact_sum, weighted_sum
+from ..peers.factors import PARTS, FactorLayout
+from ..peers.galore import GaLoreSettings
 
 ALL_PARTS = frozenset(PARTS)
 

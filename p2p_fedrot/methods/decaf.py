@@ -14,8 +14,8 @@ from typing import Sequence
 
 import torch
 
-from ..factors import FactorLayout
-from ..reduction import Reduce, exact_sum
+from ..exact import Reduce, exact_sum
+from ..peers.factors import FactorLayout
 from .base import Method, PeerState, adopts, register
 
 

@@ -21,10 +21,9 @@ from typing import Sequence
 
 import torch
 
-from ..bank import LoRABankLinear
 from ..errors import ConfigError
-from ..gossip import weighted_sum
-from ..reduction import Reduce
+from ..exact import Reduce, weighted_sum
+from ..peers.bank import LoRABankLinear
 from .base import Method, MethodContext, PeerState, register
 
 HUB = 0

@@ -19,9 +19,9 @@ from typing import Sequence
 import torch
 
 from ..errors import ConfigError
-from ..factors import TensorSpec
-from ..galore import GaLoreSettings, joint_component, joint_directions, sync_joint
-from ..gossip import weighted_sum
+from ..exact import weighted_sum
+from ..peers.factors import TensorSpec
+from ..peers.galore import GaLoreSettings, joint_component, joint_directions, sync_joint
 from .base import Method, MethodContext, PeerState, register
 
 SYNCS = ("none", "mean", "shared")

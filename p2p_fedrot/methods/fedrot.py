@@ -1,6 +1,6 @@
 """FedRot-LoRA / DFedRot: rotate the factors toward a reference before they are averaged.
 
-A rotation R (soft orthogonal Procrustes, see align.py) leaves each product B A unchanged, so local
+A rotation R (soft orthogonal Procrustes, see procrustes.py) leaves each product B A unchanged, so local
 models are untouched while the factors that get averaged agree better. None of the references costs
 an extra message. ``reference``:
 
@@ -37,10 +37,10 @@ from typing import Sequence
 
 import torch
 
-from ..align import Side, fit_rotations, misfit, rotate
 from ..errors import ConfigError
-from ..gossip import weighted_sum
+from ..exact import weighted_sum
 from .base import Combined, Method, MethodContext, PeerState, adopts, register
+from .procrustes import Side, fit_rotations, misfit, rotate
 
 SIDES = ("auto", "alternate", "A", "B", "joint")
 REFERENCES = ("consensus", "pairwise", "neighbours")
@@ -87,7 +87,7 @@ class FedRot(Method):
 
     def aligns(self, round: int) -> bool:
         """Every round may align. The paper skips round 0 only because side B's reference is zero there
-        (B = 0 at LoRA init) and a zero reference has no rotation: align.soft_rotation returns exactly
+        (B = 0 at LoRA init) and a zero reference has no rotation: procrustes.soft_rotation returns exactly
         the identity for it, so side A and joint align from round 0 and side B waits for a nonzero B."""
         return self.lam > 0.0
 
@@ -166,7 +166,7 @@ class FedRot(Method):
 
     @staticmethod
     def _mean(factors: Factors, weights: Sequence[float]) -> Factors:
-        """sum_j w_j X_j per module, accumulated in row order as gossip's weighted_sum (thread-independent)."""
+        """sum_j w_j X_j per module, accumulated in row order as exact.weighted_sum (thread-independent)."""
         return tuple([weighted_sum(list(zip(weights, batch))) for batch in part] for part in factors)
 
     def _write(self, flat: torch.Tensor, factors: Factors, row: tuple[int, ...]) -> torch.Tensor:

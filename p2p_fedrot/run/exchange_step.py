@@ -1,0 +1,151 @@
+"""A round's communication: each mixing step's exchange and combine for every hosted peer.
+
+On evaluated rounds it also measures, where the data already is, how far each mixing peer's new
+adapter is from the exact W-weighted mix of the adapters its neighbourhood sent.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from scipy import sparse
+
+from ..comm.faults import corrupted
+from ..comm.routes import collect_mix_inputs, routes_of, row_entries
+from ..comm.screening import PayloadRules
+from ..comm.transport import Transport
+from ..config import CommConfig
+from ..exact import MixInputs
+from ..graph.schedule import MixingSchedule
+from ..methods.base import ALL_PARTS, Method, PeerState
+from ..peers.factors import FactorLayout
+from .metrics import aggregation_errors, rotational_disagreement
+from .records import RoundClock
+
+
+@dataclass
+class MixOutcome:
+    """Payloads refused this round and, when asked, what this process measured: (absolute, relative)
+    aggregation errors of its mixing rows and the rotational part of each incoming edge's disagreement."""
+
+    dropped: list[dict] = field(default_factory=list)
+    errors: list[tuple[float, float]] = field(default_factory=list)
+    rotational: list[tuple[float, float]] = field(default_factory=list)  # (removed, total) per measured edge
+    # (peer, one r x r R per module) for each hosted receiver whose own factors the method rotated, in
+    # the order applied: its optimizer moments must follow (HostedPeers.follow_rotations)
+    rotated: list[tuple[int, list[torch.Tensor]]] = field(default_factory=list)
+
+    @property
+    def refused(self) -> list[tuple[int, int]]:
+        """(sender, receiver) of every payload this process's peers refused this round."""
+        return [(bad["sender"], bad["receiver"]) for bad in self.dropped]
+
+
+def row_senders(W: sparse.csr_array, i: int, refused: set[tuple[int, int]]) -> list[int]:
+    """Whose payloads row i mixes, in the order of its inputs: by ascending sender, itself included,
+    without those it refused."""
+    return [j for j, _ in row_entries(W, i) if (j, i) not in refused]
+
+
+def own_input(W: sparse.csr_array, i: int, refused: set[tuple[int, int]]) -> int | None:
+    """Where row i's own payload sits among its mix inputs; None where the row does not read it."""
+    senders = row_senders(W, i, refused)
+    return senders.index(i) if i in senders else None
+
+
+class Mixer:
+    """Runs the method's pack / exchange / combine along the schedule's mixing steps."""
+
+    def __init__(self, method: Method, schedule: MixingSchedule, layout: FactorLayout, transport: Transport,
+                 probe: Transport, comm: CommConfig, warmup_rounds: int = 0) -> None:
+        self.method, self.schedule, self.layout, self.comm = method, schedule, layout, comm
+        self.warmup_rounds = warmup_rounds  # rounds of local training only, before the first exchange
+        self.transport = transport
+        self.probe = probe  # carries whole buffers for the error metric when payloads are partial (not counted)
+        self.rules = PayloadRules(comm.validate, comm.max_norm_ratio, comm.on_bad_payload)
+
+    def mix(self, round: int, states: dict[int, PeerState], clock: RoundClock, measure: bool) -> MixOutcome:
+        """Apply each mixing step of the round to every hosted peer."""
+        outcome = MixOutcome()
+        parts = self.sent_parts(round)
+        if not parts:
+            return outcome
+        for k, W in enumerate(self.schedule.steps_at(round)):
+            since = time.perf_counter()
+            payloads = {p: self.method.pack(s, round, k, self.layout.extract(s.flat, parts)) for p, s in states.items()}
+            mixes, dropped = collect_mix_inputs(
+                self.transport, W, payloads, step=f"round {round} step {k}",
+                numel_of=lambda src: self.method.payload_numel(round, k, src),
+                outgoing=self.drill(payloads, round), rules=self.rules, tag=(round, k))
+            outcome.dropped += [bad.as_record(round) for bad in dropped]
+            refused = {(bad.sender, bad.receiver) for bad in dropped}
+            since = clock.add("exchange", since)
+            sent = self.sent_buffers(round, k, W, states, mixes, parts, refused) if measure else {}
+            before = {i: states[i].flat.clone() for i in sent}
+            since = clock.add("eval", since)  # what the error metric needs is not the exchange's cost
+            # every row's inputs are read before any row is written: local inputs are views of buffers
+            updates = {i: self.method.combine_row(states[i], round, inputs, own_input(W, i, refused))
+                       for i, inputs in mixes.items()}
+            for i, combined in updates.items():
+                self.layout.insert(states[i].flat, parts, combined.value)
+                if combined.rotations is not None:
+                    outcome.rotated.append((i, combined.rotations))
+            since = clock.add("exchange", since)
+            self.measure(sent, before, states, outcome)
+            clock.add("eval", since)
+        return outcome
+
+    def measure(self, sent: dict[int, list[tuple[int, float, torch.Tensor]]], before: dict[int, torch.Tensor],
+                states: dict[int, PeerState], outcome: MixOutcome) -> None:
+        """Aggregation error of each row, and the rotational part of the disagreement on each edge
+        j -> i between what j sent and what i held (the server's hub: the model the clients started from)."""
+        rows = {i: [(w, x) for _, w, x in triples] for i, triples in sent.items()}
+        outcome.errors += list(aggregation_errors(self.layout, rows, {i: states[i].flat for i in sent}).values())
+        for i, triples in sent.items():
+            outcome.rotational += [rotational_disagreement(self.layout, before[i], x) for j, _, x in triples if j != i]
+
+    def sent_buffers(self, round: int, k: int, W, states: dict[int, PeerState], mixes: dict[int, MixInputs],
+                     parts: frozenset[str], refused: set[tuple[int, int]]) -> dict[int, list[tuple[int, float, torch.Tensor]]]:
+        """For each row that mixes several inputs, its (j, W_ij, buffer of j as sent) triples: the
+        payloads themselves (copied) when they are whole buffers, else whole buffers fetched over the probe.
+
+        Whether the probe runs is decided from W and the method alone, the same on every process: a
+        process with no mixing row of its own (the server's clients in the up step) must still send the
+        buffers that another process's rows measure, or that process waits for them to the deadline."""
+        rows = {i: inputs for i, inputs in mixes.items() if len(inputs) > 1}
+        senders = {i: row_senders(W, i, refused) for i in rows}
+        routes = routes_of(W)
+        whole = parts == ALL_PARTS and all(self.method.payload_numel(round, k, src) == self.layout.numel
+                                           for src, _ in routes)
+        if whole or not routes:  # copies: mixing then overwrites the buffers that local inputs view
+            return {i: [(j, w, x.clone()) for j, (w, x) in zip(senders[i], inputs)] for i, inputs in rows.items()}
+        buffers = {p: s.flat.clone() for p, s in states.items()}
+        received = self.probe.exchange(buffers, routes, numel_of=lambda src: self.layout.numel,
+                                       step=f"round {round} step {k} (metrics)", tag=(round, -1 - k))
+        received.update(buffers)
+        return {i: [(j, w, received[j]) for j, (w, _) in zip(senders[i], inputs)] for i, inputs in rows.items()}
+
+    def sent_parts(self, round: int) -> frozenset[str]:
+        """What travels this round: nothing during the warm-up, then what the method sends."""
+        return frozenset() if round < self.warmup_rounds else self.method.sent_parts(round)
+
+    def drill(self, payloads: dict[int, torch.Tensor], round: int) -> dict[int, torch.Tensor]:
+        """What the hosted peers send: their payloads, one corrupted if ``comm.inject_fault`` says so."""
+        fault = self.comm.inject_fault
+        if not fault or fault["round"] != round or fault["peer"] not in payloads:
+            return payloads
+        bad = corrupted(payloads[fault["peer"]], fault["kind"], self.comm.max_norm_ratio)
+        return {**payloads, fault["peer"]: bad}
+
+    def round_bytes(self, round: int, element_size: int) -> int:
+        """Bytes all peers send in a round: one payload per directed route of every mixing step."""
+        if not self.sent_parts(round):
+            return 0
+        return sum(self.method.payload_numel(round, k, src) * element_size
+                   for k, W in enumerate(self.schedule.steps_at(round)) for src, _ in routes_of(W))
+
+    def payload_bytes(self, round: int, sender: int, element_size: int) -> int:
+        """Size of one peer's message in the round's first step (what a gossip peer sends each neighbour)."""
+        return self.method.payload_numel(round, 0, sender) * element_size if self.method.sent_parts(round) else 0

@@ -1,0 +1,210 @@
+"""Seeded grids of runs: every combination of a few settings (a cell), each over several seeds.
+
+Each run is a separate ``p2p-fedrot run`` process (torchrun when ``nproc`` > 1) writing to
+``OUT/<cell>/seed<k>``, so runs are independent, can go in parallel, and a sweep that was stopped
+goes on where it was: finished runs are skipped, a run cut off mid-way resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from ..comm.runtime import usable_cores
+from ..config import RunConfig, load_config
+from ..errors import ConfigError
+from ..graph.topologies import build_topology
+from ..io import read_json
+from ..methods import available_methods
+from ..run.checkpoint import describe_differences
+from ..run.outputs import CONFIG, SUMMARY, require_folder_path
+
+LOGS = "logs"  # OUT/logs/<cell>_seed<k>.log: each run's own output
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    cell: str  # folder name of the cell, e.g. topology-ring_method-fedit
+    seed: int
+    folder: Path
+    overrides: tuple[str, ...]  # --set items of this run, after the sweep's own
+    config: RunConfig
+
+    @property
+    def label(self) -> str:
+        return f"{self.cell}/seed{self.seed}"
+
+
+def parse_grid(item: str) -> tuple[str, list[Any]]:
+    """``KEY=V1,V2,...`` -> (KEY, [V1, V2, ...]); values are YAML, so a mapping such as
+    ``{name: erdos_renyi, p: 0.2}`` is one value and its comma does not split it."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or not text.strip():
+        raise ConfigError(f"--grid {item!r} must look like KEY=V1,V2 (e.g. --grid topology=ring,torus)")
+    try:
+        values = yaml.safe_load(f"[{text}]")
+    except yaml.YAMLError as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"--grid {item!r}: the values are not a valid YAML list ({reason}); quote the "
+                          "argument and write mappings like {name: erdos_renyi, p: 0.2}") from None
+    if len(values) != len({repr(v) for v in values}):
+        raise ConfigError(f"--grid {item!r} lists a value twice")
+    return key, values
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0,1,2`` -> [0, 1, 2]."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r} must be comma-separated integers, e.g. --seeds 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r} lists a seed twice")
+    return seeds
+
+
+def value_name(value: Any) -> str:
+    """A value as a folder-name fragment: ring, 0.1, erdos_renyi-p0.2."""
+    if isinstance(value, dict):
+        value = "-".join([str(value.get("name", ""))] + [f"{k}{v}" for k, v in value.items() if k != "name"])
+    elif isinstance(value, (list, tuple)):
+        value = "+".join(map(str, value))
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", str(value)).strip("_") or "empty"
+
+
+def as_yaml(value: Any) -> str:
+    """One value as the YAML text of a --set (ring, 0.2, {name: erdos_renyi, p: 0.2})."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def cell_name(assignments: Sequence[tuple[str, Any]]) -> str:
+    """topology-ring_method-fedit: each grid key (its last dotted part) and value."""
+    return "_".join(f"{key.split('.')[-1]}-{value_name(value)}" for key, value in assignments) or "base"
+
+
+def plan(config_file: str, grids: Sequence[tuple[str, list[Any]]], seeds: Sequence[int], out: Path,
+         overrides: Sequence[str]) -> list[PlannedRun]:
+    """Every (cell, seed) run, its config resolved and validated now, so a bad value fails before any run."""
+    require_folder_path(out, "--out")
+    keys = [key for key, _ in grids]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"--grid names a key twice ({', '.join(keys)}); give each key once with all its values")
+    for key in ("seed", "out"):
+        if key in keys:
+            raise ConfigError(f"--grid {key}=... is not a grid key: the sweep sets it "
+                              f"({'use --seeds' if key == 'seed' else 'use --out'})")
+    cells: dict[str, list[tuple[str, Any]]] = {}
+    for values in itertools.product(*(values for _, values in grids)):
+        assignments = list(zip(keys, values))
+        cell = cell_name(assignments)
+        if cell in cells:
+            raise ConfigError(f"grid values {cells[cell]} and {assignments} give the same folder name {cell!r}; "
+                              "give values that differ in letters or digits")
+        cells[cell] = assignments
+    runs = []
+    for seed in seeds:  # seed by seed, so a sweep stopped early has covered every cell with its first seeds
+        for cell, assignments in cells.items():
+            grid_sets = [f"{key}={as_yaml(value)}" for key, value in assignments]
+            folder = out / cell / f"seed{seed}"
+            run_sets = (*overrides, *grid_sets, f"seed={seed}", f"out={folder}")
+            try:
+                config = load_config(config_file, run_sets)
+                check_buildable(config)
+            except ConfigError as exc:
+                raise ConfigError(f"cell {cell} seed {seed}: {exc}") from None
+            runs.append(PlannedRun(cell, seed, folder, run_sets, config))
+    return runs
+
+
+def check_buildable(config: RunConfig) -> None:
+    """What a run would only find out after loading its model: an unknown method or a bad graph."""
+    if config.method not in available_methods():
+        raise ConfigError(f"unknown method {config.method!r}; available: {', '.join(available_methods())}")
+    build_topology(config.topology, config.peers, config.seed, config.allow_disconnected)
+
+
+def is_finished(run: PlannedRun) -> bool:
+    """True when the run's folder holds this run finished: the same run by the rule a resume uses
+    (checkpoint.describe_differences) and all its rounds; the summary is written last, so a run cut
+    off mid-way has none."""
+    summary, config = run.folder / SUMMARY, run.folder / CONFIG
+    if not (summary.is_file() and config.is_file()):
+        return False
+    same_run = not describe_differences(yaml.safe_load(config.read_text()) or {}, run.config.to_dict())
+    return same_run and read_json(summary).get("rounds") == run.config.rounds
+
+
+def command(run: PlannedRun, config_file: str, nproc: int, threads: int | None) -> list[str]:
+    """The run's command line: this Python's p2p_fedrot, under torchrun for several processes."""
+    sets = [*run.overrides, *([f"threads={threads}"] if threads else [])]
+    arguments = ["-m", "p2p_fedrot", "run", config_file, *itertools.chain.from_iterable(("--set", s) for s in sets)]
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *arguments]
+    return [sys.executable, *arguments]
+
+
+def default_threads(runs: Sequence[PlannedRun], jobs: int, nproc: int) -> int | None:
+    """Split the cores between the runs that go at once, unless the config sets threads itself."""
+    if any(run.config.threads for run in runs):
+        return None
+    return max(1, usable_cores() // (jobs * nproc))
+
+
+def run_sweep(runs: Sequence[PlannedRun], config_file: str, out: Path, jobs: int = 1, nproc: int = 1,
+              echo=print) -> list[PlannedRun]:
+    """Run every unfinished run, ``jobs`` at a time; returns the runs that failed (their logs say why)."""
+    if jobs < 1 or nproc < 1:
+        raise ConfigError(f"--jobs ({jobs}) and --nproc ({nproc}) must be at least 1")
+    todo = [run for run in runs if not is_finished(run)]
+    echo(f"sweep: {len(runs)} runs in {out} ({len(runs) - len(todo)} already finished, {len(todo)} to run, "
+         f"{jobs} at a time)")
+    threads = default_threads(todo, jobs, nproc)
+    (out / LOGS).mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    waiting, running, failed = list(todo), {}, []
+    signal.signal(signal.SIGTERM, _stop)  # a sweep told to stop takes its runs in flight with it
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                run = waiting.pop(0)
+                log = open(out / LOGS / f"{run.cell}_seed{run.seed}.log", "w")
+                process = subprocess.Popen(command(run, config_file, nproc, threads), stdout=log,
+                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                running[process] = (run, log, time.perf_counter())
+            time.sleep(0.2)
+            for process in [p for p in running if p.poll() is not None]:
+                run, log, started = running.pop(process)
+                log.close()
+                if process.returncode != 0:
+                    failed.append(run)
+                finished = len(todo) - len(waiting) - len(running)
+                echo(f"[{finished}/{len(todo)}] {run.label}: {_outcome(run, process.returncode, log.name)} "
+                     f"({time.perf_counter() - started:.0f} s)")
+    finally:  # interrupted: stop the runs in flight (each resumes from its checkpoint next time)
+        for process, (_, log, _) in running.items():
+            process.terminate()
+            process.wait()
+            log.close()
+    return failed
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(f"sweep: stopped by signal {signum}; the same command goes on where it was")
+
+
+def _outcome(run: PlannedRun, returncode: int, log: str) -> str:
+    if returncode != 0:
+        return f"FAILED with exit code {returncode}; see {log}"
+    accuracy = read_json(run.folder / SUMMARY).get("final_mean_accuracy")
+    return f"final mean accuracy {'n/a' if accuracy is None else format(accuracy, '.4f')}"
