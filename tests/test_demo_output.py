@@ -38,5 +38,7 @@ def test_the_demo_prints_its_own_progress_and_no_third_party_noise(tmp_path: Pat
     for phase in ("trained", "evaluated"):
         assert any(re.fullmatch(rf"round 1/1: process 0 {phase} 2 peers in [\d.]+ s", line) for line in lines), text
     assert any(line.startswith("round   1/1 | acc mean") for line in lines), text
-    assert lines[-1] == f"report: {out}/report/summary.md", text
+    assert f"report: {out}/report/summary.md" in lines and f"plot: {out}/report/accuracy.png" in lines, text
+    assert any(line.startswith("made by: p2p-fedrot report ") for line in lines), text
+    assert lines[-1] == f"metrics: {out}/metrics.jsonl", text
     assert (out / "report" / "summary.md").is_file()
