@@ -107,7 +107,8 @@ def plot_per_round(groups: list[Group], key: str, ylabel: str, path: Path, stamp
         lines = [(g, rounds, [m if m > LOG_FLOOR else math.nan for m in means], stds) for g, rounds, means, stds in lines]
     shown = [m for _, _, means, _ in lines for m in means if math.isfinite(m)]
     for method, axes in zip(methods, panels):
-        mine = [line for line in lines if line[0].method == method]
+        # on a log axis a group at exact consensus has nothing to draw, and no legend entry either
+        mine = [line for line in lines if line[0].method == method and any(math.isfinite(m) for m in line[2])]
         for (group, rounds, means, stds), colour in zip(mine, _colours(len(mine))):
             axes.plot(rounds, means, marker="o", markersize=3, color=colour, label=_panel_label(group, len(methods)))
             low, high = [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)]
@@ -159,7 +160,10 @@ def _colours(count: int) -> list:
 
 
 def _legend(axes, entries: int, beside: bool = True) -> None:
-    """Inside the axes for a few lines, beside them for many (on a row of panels, the last one's)."""
+    """Inside the axes for a few lines, beside them for many (on a row of panels, the last one's);
+    none for a panel with nothing drawn."""
+    if not axes.get_legend_handles_labels()[0]:
+        return
     if entries <= 6:
         axes.legend(fontsize=7)
     elif beside:
