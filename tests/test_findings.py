@@ -65,7 +65,9 @@ def test_the_order_of_the_gaps_is_compared_with_the_order_of_the_accuracies(tmp_
     _, stats = grouped(folders)
     fedit, fedrot = gap_order(stats)
     assert fedit["spearman"] == pytest.approx(1.0) and fedit["by_gap"] == fedit["by_accuracy"]
+    assert fedit["p_value"] == pytest.approx(2 / 6)  # of the 6 orders of three graphs, 2 are as strong (+-1)
     assert fedrot["spearman"] == pytest.approx(0.5)  # one swap among three: 1 - 6 * 2 / (3 * 8)
+    assert fedrot["p_value"] == pytest.approx(1.0)  # every order of three has |rho| >= 0.5
     assert [label.split(", ")[0] for label in fedrot["by_accuracy"]] == ["topology=torus", "topology=ring",
                                                                          "topology=complete"]
 
