@@ -18,7 +18,7 @@ from scipy.stats import rankdata, spearmanr
 
 EXACT_UP_TO = 8  # graphs: up to this many, Spearman's p counts every ordering (8! = 40,320)
 
-from .groups import Group, _settings, effective_gap, mean_std, per_round
+from .groups import Group, effective_gap, mean_std, per_round, settings_of
 
 ACCURACY_KEYS = ("final_mean_accuracy", "final_min_accuracy")
 
@@ -61,7 +61,7 @@ def paired_differences(groups: list[Group], baseline: str) -> list[dict[str, Any
     """For every group of another method than ``baseline``: its final accuracies minus the baseline's
     on the same settings, seed by seed (mean +/- std over the shared seeds, and how many are > 0)."""
     def others(group: Group) -> str:
-        settings = {k: v for k, v in _settings(group.runs[0]).items() if k not in ("method", "method_args")}
+        settings = {k: v for k, v in settings_of(group.runs[0]).items() if k not in ("method", "method_args")}
         return repr(sorted(settings.items(), key=lambda item: item[0]))
 
     baselines = {others(g): g for g in groups if g.method == baseline}
@@ -123,9 +123,8 @@ def study_findings(stats: list[dict], groups: list[Group]) -> dict[str, list[dic
             "consensus_contraction": consensus_contraction(groups)}
 
 
-def findings_markdown(stats: list[dict], groups: list[Group]) -> str:
-    """The three findings as short markdown tables (empty sections are left out)."""
-    found = study_findings(stats, groups)
+def findings_markdown(found: dict[str, list[dict[str, Any]]]) -> str:
+    """The three findings of :func:`study_findings` as short markdown tables (empty sections are left out)."""
     parts = []
     order = found["gap_order"]
     if any(entry["n"] >= 3 for entry in order):

@@ -60,7 +60,7 @@ class Group:
         return self.runs[0]["summary"]["topology"]
 
 
-def _settings(run: dict) -> dict[str, Any]:
+def settings_of(run: dict) -> dict[str, Any]:
     """Dotted settings, with the topology kept whole (a name or a mapping such as {name: ..., p: 0.2})."""
     config = dict(run["config"])
     topology = config.pop("topology", None)
@@ -73,7 +73,7 @@ def group_runs(runs: list[dict]) -> list[Group]:
     settings that tell it apart from the others (its folder's name when there is one group)."""
     keyed: dict[str, tuple[dict, Group]] = {}
     for run in runs:
-        settings = _settings(run)
+        settings = settings_of(run)
         key = repr(sorted(settings.items(), key=lambda item: item[0]))
         keyed.setdefault(key, (settings, Group("")))[1].runs.append(run)
     groups = [group for _, group in keyed.values()]

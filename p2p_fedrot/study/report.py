@@ -77,10 +77,13 @@ def _figure(panels: int = 1):
     return figure, (axes[0] if panels == 1 else list(axes))
 
 
-def made_by(runs: list[dict], command: str | None) -> str:
-    """What made a report: the command, and the code version each run recorded (several when the
-    runs come from different commits, all named)."""
-    codes = sorted({describe(run["summary"].get("code")) for run in runs})
+def code_versions(runs: list[dict]) -> list[str]:
+    """The code versions the runs recorded, each once (several when they come from different commits)."""
+    return sorted({describe(run["summary"].get("code")) for run in runs})
+
+
+def made_by(command: str | None, codes: list[str]) -> str:
+    """What made a report: the command, and every code version of its runs."""
     return (f"made by: {command}\n" if command else "") + "code: " + "; ".join(codes)
 
 
@@ -229,7 +232,8 @@ def write_report(run_dirs: list[str], out: str | os.PathLike, command: str | Non
     loaded = [load_run(d) for d in run_dirs]
     groups = group_runs(loaded)
     stats = [group_stats(g) for g in groups]
-    stamp = made_by(loaded, command)
+    codes = code_versions(loaded)
+    stamp = made_by(command, codes)
     folder = Path(out)
     require_folder_path(folder, "--out")
     folder.mkdir(parents=True, exist_ok=True)
@@ -258,13 +262,13 @@ def write_report(run_dirs: list[str], out: str | os.PathLike, command: str | Non
              "round. The spectral gap is that of the mixing matrix averaged over rounds, which for a time-varying "
              "graph differs from any one round's (runs recorded before this average show round 0's).\n")
     stamp_lines = "".join(f"{line}  \n" for line in stamp.splitlines())
-    findings = findings_markdown(stats, groups)
+    found = study_findings(stats, groups)
+    findings = findings_markdown(found)
     text = ("# p2p_fedrot report\n\n" + stamp_lines + "\n" + intro + "\n" + summary_table(stats) + "\n" + notes + "\n"
             + (findings + "\n" if findings else "")
             + "\n\n".join(f"![{name.replace('_', ' ')}]({name}.png)" for name in plots) + "\n")
-    atomic_write_json(folder / "summary.json", {"made_by": {"command": command, "code": sorted(
-        {describe(run["summary"].get("code")) for run in loaded})}, "groups": stats,
-        "findings": study_findings(stats, groups)})
+    atomic_write_json(folder / "summary.json", {"made_by": {"command": command, "code": codes}, "groups": stats,
+                                                "findings": found})
     atomic_write_text(folder / "summary.md", text)
     return Report(folder / "summary.md", [folder / f"{name}.png" for name in plots], terminal_table(stats),
                   intro + notes, stamp)
