@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from p2p_fedrot.run.records import RoundClock
 from p2p_fedrot.run.loop import Experiment
-from test_methods import FEDROT_SIDES, experiment, fedrot, spun_row
+from test_methods import FEDROT_SIDES, experiment, fedrot, mix_round, spun_row, train_round
 
 # gossip fedrot aligning to the neighbourhood, from an init turned by a rotation per peer, with SGD momentum
 # (Adam's second moment is elementwise and has no rotated counterpart, so only a first moment can follow exactly)
@@ -57,9 +56,9 @@ def test_turning_the_momentum_with_the_receivers_factors_keeps_training_frame_in
     Mixed factors with the momentum left behind compute other products."""
     exp = experiment(tmp_path, *ROTATED_GOSSIP)
     hosted, bank, layout, optimizers = exp.hosted, exp.bank, exp.layout, exp.hosted.trainer.optimizers
-    hosted.train(0, exp.schedule.present_at(0), RoundClock())
+    train_round(exp, 0)
     trained = optimizers.moment.clone()
-    outcome = exp.mixer.mix(0, hosted.states, RoundClock(), measure=False)
+    outcome = mix_round(exp, 0)
     assert sorted(peer for peer, _ in outcome.rotated) == hosted.clients
     hosted.follow_rotations(outcome.rotated)
     mixed, followed, steps = bank.flats.clone(), optimizers.moment.clone(), optimizers.steps.clone()
@@ -77,7 +76,7 @@ def test_turning_the_momentum_with_the_receivers_factors_keeps_training_frame_in
         bank.flats.copy_(flats)
         optimizers.moment.copy_(moment)
         optimizers.steps.copy_(steps)
-        hosted.train(1, exp.schedule.present_at(1), RoundClock())
+        train_round(exp, 1)
         after[name] = products(exp)
     scale = float(after["turned back"].abs().max())
     assert float((after["followed"] - after["turned back"]).abs().max()) < 1e-5 * scale
@@ -88,8 +87,8 @@ def test_the_round_loop_turns_the_moments_with_the_mix(tmp_path: Path) -> None:
     """Experiment.run passes each round's rotations of the receivers' own factors to their optimizers."""
     by_hand = experiment(tmp_path / "by_hand", *ROTATED_GOSSIP)
     for round in range(2):
-        by_hand.hosted.train(round, by_hand.schedule.present_at(round), RoundClock())
-        by_hand.hosted.follow_rotations(by_hand.mixer.mix(round, by_hand.hosted.states, RoundClock(), False).rotated)
+        train_round(by_hand, round)
+        by_hand.hosted.follow_rotations(mix_round(by_hand, round).rotated)
     run = experiment(tmp_path / "run", *ROTATED_GOSSIP)
     run.run()
     assert torch.equal(run.bank.flats, by_hand.bank.flats)

@@ -18,7 +18,8 @@ from p2p_fedrot.exact import weighted_sum
 from p2p_fedrot.methods import MethodContext, PeerState, make_method
 from p2p_fedrot.methods.decaf import truncated_product_svd
 from p2p_fedrot.methods.fedrot import FedRot
-from p2p_fedrot.run.records import RoundClock
+from p2p_fedrot.methods.base import RotationLog
+from p2p_fedrot.run.exchange_step import MixOutcome
 from p2p_fedrot.run.loop import Experiment
 from p2p_fedrot.comm.runtime import init_runtime
 
@@ -28,6 +29,23 @@ TOY = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
 def experiment(tmp_path: Path, *overrides: str) -> Experiment:
     config = load_config(TOY, ["rounds=4", "train.local_steps=3", f"out={tmp_path}", *overrides])
     return Experiment(config, init_runtime())
+
+
+def train_round(exp: Experiment, round: int) -> RotationLog:
+    """A round's train and align phases as the round loop runs them; the rotations aligning applied."""
+    return exp.hosted.align(round, exp.hosted.train(round, exp.schedule.present_at(round)))
+
+
+def mix_round(exp: Experiment, round: int, measure: bool = False) -> MixOutcome:
+    """A round's mixing steps as the round loop runs them (exchange, combine, measure), untimed."""
+    states, mixed = exp.hosted.states, MixOutcome()
+    for step in exp.mixer.steps(round):
+        arrived = exp.mixer.exchange(step, states)
+        kept = exp.mixer.keep_sent(arrived, states) if measure else None
+        mixed.add(exp.mixer.combine(arrived, states))
+        if measure:
+            mixed.add(exp.mixer.measure(kept, states))
+    return mixed
 
 
 def part(exp: Experiment, peer: int, name: str) -> torch.Tensor:
@@ -60,9 +78,9 @@ def test_rolora_keeping_its_own_A_shows_in_the_aggregation_error(tmp_path: Path)
     exp = experiment(tmp_path, "method=rolora")
     layout = exp.layout
     for round in range(3):
-        exp.hosted.train(round, exp.schedule.present_at(round), RoundClock())
+        train_round(exp, round)
         sent = {p: s.flat.clone() for p, s in exp.hosted.states.items()}
-        outcome = exp.mixer.mix(round, exp.hosted.states, RoundClock(), measure=True)
+        outcome = mix_round(exp, round, measure=True)
         if round == 1:  # an A round
             continue
         (W,) = exp.schedule.steps_at(round)
@@ -90,12 +108,12 @@ def test_only_the_scheduled_factor_trains(tmp_path: Path, method: str, schedule:
     for round, factor in enumerate(schedule):
         frozen = "A" if factor == "B" else "B"
         before = {p: (part(exp, p, factor), part(exp, p, frozen)) for p in range(8)}
-        exp.hosted.train(round, exp.schedule.present_at(round), RoundClock())
+        train_round(exp, round)
         for p in range(8):
             assert torch.equal(part(exp, p, frozen), before[p][1]), (round, p)
             if round > 0 or factor == "B":
                 assert not torch.equal(part(exp, p, factor), before[p][0]), (round, p)
-        exp.mixer.mix(round, exp.hosted.states, RoundClock(), measure=False)
+        mix_round(exp, round)
     sent = [exp.mixer.payload_bytes(r, 0, 4) for r in range(4)]
     if method == "rolora":
         assert sent == [part_bytes(exp, f, "head") for f in schedule]
@@ -151,9 +169,9 @@ def test_decaf_rounds_on_a_graph_give_the_truncated_svd_of_the_mixed_products(tm
     (W,) = exp.schedule.steps_at(0)
     r = exp.config.model.lora.r
     for round in range(3):
-        exp.hosted.train(round, exp.schedule.present_at(round), RoundClock())
+        train_round(exp, round)
         before = {p: products(exp, p) for p in range(6)}
-        exp.mixer.mix(round, exp.hosted.states, RoundClock(), measure=False)
+        mix_round(exp, round)
         for i in range(6):
             for m, mixed_after in enumerate(products(exp, i)):
                 mixed = sum(W[i, j] * before[j][m] for j in range(6) if W[i, j] > 0)
@@ -179,8 +197,8 @@ def test_optimizer_state_follows_the_method_rule_or_the_config(tmp_path: Path, m
     exp = experiment(tmp_path, f"method={method}", "train.optimizer=adamw", "train.lr=0.01",
                      f"train.optimizer_state={rule}")
     for round in range(3):
-        exp.hosted.train(round, exp.schedule.present_at(round), RoundClock())
-        exp.mixer.mix(round, exp.hosted.states, RoundClock(), measure=False)
+        train_round(exp, round)
+        mix_round(exp, round)
     assert adam_steps(exp, 0) == ({3} if reset else {9})  # 3 local steps a round, 3 rounds
 
 
@@ -218,7 +236,7 @@ def test_flexlora_needs_the_server_topology_and_matches_a_hand_step(tmp_path: Pa
         experiment(tmp_path / "ring", "method=flexlora")
     exp = experiment(tmp_path / "server", "method=flexlora", "topology=server", "peers=5", "rounds=1")
     clients = list(range(1, 5))
-    exp.hosted.train(0, exp.schedule.present_at(0), RoundClock())
+    train_round(exp, 0)
     weights = np.array([len(exp.data.clients[c].train) for c in clients], dtype=np.float64)
     weights /= weights.sum()
     expected = []
@@ -229,7 +247,7 @@ def test_flexlora_needs_the_server_topology_and_matches_a_hand_step(tmp_path: Pa
         u, s, vh = torch.linalg.svd(product)
         r = As[0].shape[0]
         expected.append(u[:, :r] @ torch.diag(s[:r]) @ vh[:r])
-    exp.mixer.mix(0, exp.hosted.states, RoundClock(), measure=False)
+    mix_round(exp, 0)
     for node in range(5):
         for m, target in enumerate(expected):
             B = exp.layout.b_views(exp.hosted.states[node].flat)[m].double()
@@ -340,10 +358,12 @@ def test_fedrot_with_lam_zero_rotates_nothing_for_every_reference_and_side(refer
     peer.reference = inputs[1][1].clone()
     flat = peer.flat.clone()
     for round in (0, 1, 2):
-        method.before_send(peer, round)
+        aligned = method.before_send(peer, round)
         assert torch.equal(peer.flat, flat)
-        assert torch.equal(method.combine_row(peer, round, inputs, own=0).value, weighted_sum(inputs))
-    assert method.rotations.angles == [] and method.rotations.gains == []
+        combined = method.combine_row(peer, round, inputs, own=0)
+        assert torch.equal(combined.value, weighted_sum(inputs))
+        assert aligned.rotations is None and combined.rotations is None
+        assert aligned.log == RotationLog() and combined.log == RotationLog()
 
 
 @pytest.mark.parametrize("side", FEDROT_SIDES)
@@ -373,10 +393,11 @@ def test_joint_fedrot_turns_a_rotated_copy_back_onto_its_reference() -> None:
     g = torch.Generator().manual_seed(4)
     reference = torch.randn(layout.numel, generator=g)
     peer = PeerState(0, spun(layout, reference, g), reference)
-    method.before_send(peer, 0)
+    aligned = method.before_send(peer, 0)
     torch.testing.assert_close(peer.flat, reference, atol=1e-5, rtol=0)
-    assert len(method.rotations.angles) == len(MODULES) and min(method.rotations.angles) > 0.1
-    assert len(method.rotations.gains) == 1 and method.rotations.gains[0] < 1e-5
+    assert aligned.rotations is not None and len(aligned.rotations) == len(MODULES)
+    assert len(aligned.log.angles) == len(MODULES) and min(aligned.log.angles) > 0.1
+    assert len(aligned.log.gains) == 1 and aligned.log.gains[0] < 1e-5
 
 
 def test_round_zero_aligns_unless_the_fitted_reference_is_zero() -> None:
@@ -391,12 +412,12 @@ def test_round_zero_aligns_unless_the_fitted_reference_is_zero() -> None:
     for side, rotates in (("B", False), ("alternate", False), ("A", True), ("joint", True)):
         method = fedrot(lam=0.5, side=side, reference="consensus")
         peer = PeerState(0, trained.clone(), reference)
-        method.before_send(peer, 0)
+        log = method.before_send(peer, 0).log
         assert torch.equal(peer.flat, trained) != rotates, side
         if rotates:
-            assert len(method.rotations.angles) == len(MODULES) and min(method.rotations.angles) > 0.01
+            assert len(log.angles) == len(MODULES) and min(log.angles) > 0.01
         else:  # logged as applied rotations that are exactly the identity
-            assert method.rotations.angles == [0.0] * len(MODULES) and method.rotations.gains == [1.0]
+            assert log.angles == [0.0] * len(MODULES) and log.gains == [1.0]
 
 
 @pytest.mark.parametrize("reference", ["consensus", "pairwise", "neighbours"])
@@ -405,24 +426,24 @@ def test_rotation_log_sees_misaligned_copies_and_not_identical_ones(reference: s
     layout = method.context.layout
     g = torch.Generator().manual_seed(6)
     own = torch.randn(layout.numel, generator=g)
-    log = method.rotations
     identical, rotated = [own.clone(), own.clone()], [spun(layout, own, g), spun(layout, own, g)]
     for copies, misaligned in ((identical, False), (rotated, True)):
-        log.clear()
         peer = PeerState(0, own.clone(), copies[0].clone())
         if reference == "consensus":
             peer.flat.copy_(copies[1])
-            method.before_send(peer, 1)
+            log = method.before_send(peer, 1).log
             pairs = 1
         else:
-            method.combine_row(peer, 1, [(w, x) for w, x in zip(WEIGHTS, [peer.flat, *copies])], own=0)
+            log = method.combine_row(peer, 1, [(w, x) for w, x in zip(WEIGHTS, [peer.flat, *copies])], own=0).log
             pairs = 2 if reference == "pairwise" else 3  # pairwise leaves the receiver's own factors as they are
         assert len(log.angles) == pairs * len(MODULES) and len(log.gains) == pairs
         if misaligned:
             assert min(log.angles) > 0.1 and max(log.gains) < 1.0
         else:
             assert max(log.angles) < 1e-4
-    assert make_method("fedit", {}, method.context).rotations.angles == []
+    fedit, peer = make_method("fedit", {}, method.context), PeerState(0, own.clone(), own.clone())
+    assert fedit.before_send(peer, 1).log == RotationLog()
+    assert fedit.combine_row(peer, 1, [(w, x) for w, x in zip(WEIGHTS, [peer.flat, *rotated])], own=0).log == RotationLog()
 
 
 def test_fedrot_method_args_are_checked() -> None:
@@ -442,8 +463,9 @@ def test_neighbours_fedrot_runs_on_a_ring_and_logs_its_rotations(tmp_path: Path)
                      "rounds=2")
     exp.run()
     assert not exp.method.needs_reference
-    log = exp.method.rotations
-    assert log.angles and log.gains and all(np.isfinite(log.angles)) and all(np.isfinite(log.gains))
+    for record in metrics(tmp_path):  # every round's mix logged its rotations (no gain where nothing was logged)
+        assert record["alignment_gain"] is not None and np.isfinite(record["alignment_gain"])
+        assert np.isfinite(record["rotation_angle_mean"]) and np.isfinite(record["rotation_angle_max"])
 
 
 def test_fedex_effective_weights_are_the_exact_average_of_products(tmp_path: Path) -> None:
@@ -451,13 +473,13 @@ def test_fedex_effective_weights_are_the_exact_average_of_products(tmp_path: Pat
     layout, clients = exp.layout, list(range(1, 5))
     modules = dict(exp.bank.model.named_modules())
     base_before = [modules[m].base.weight.detach().clone() for m in layout.modules]
-    exp.hosted.train(0, exp.schedule.present_at(0), RoundClock())
+    train_round(exp, 0)
     weights = np.array([len(exp.data.clients[c].train) for c in clients], dtype=np.float64)
     weights /= weights.sum()
     exact = [sum(float(w) * s * layout.b_views(exp.hosted.states[c].flat)[m].double() @ layout.a_views(exp.hosted.states[c].flat)[m].double()
                  for w, c in zip(weights, clients))
              for m, s in enumerate(layout.scalings)]
-    exp.mixer.mix(0, exp.hosted.states, RoundClock(), measure=False)
+    mix_round(exp, 0)
     exp.method.settle(0, [], exp.group.reduce)  # the runner's call after mixing: the fold happens here
     for m, (name, s) in enumerate(zip(layout.modules, layout.scalings)):
         base_after = modules[name].base.weight.detach().double()
@@ -466,9 +488,9 @@ def test_fedex_effective_weights_are_the_exact_average_of_products(tmp_path: Pat
             torch.testing.assert_close(effective, base_before[m].double() + exact[m], atol=1e-5, rtol=0)
     for round in range(1, 3):  # later rounds fold again on top of what earlier rounds folded
         base_before = [modules[m].base.weight.detach().double().clone() for m in layout.modules]
-        exp.hosted.train(round, exp.schedule.present_at(round), RoundClock())
+        train_round(exp, round)
         trained = {c: products(exp, c) for c in clients}
-        exp.mixer.mix(round, exp.hosted.states, RoundClock(), measure=False)
+        mix_round(exp, round)
         exp.method.settle(round, [], exp.group.reduce)
         for m, (name, s) in enumerate(zip(layout.modules, layout.scalings)):
             exact = base_before[m] + s * sum(float(w) * trained[c][m] for w, c in zip(weights, clients))

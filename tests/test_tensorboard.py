@@ -65,10 +65,10 @@ def test_a_resumed_run_continues_the_event_files(tmp_path: Path, monkeypatch: py
     pytest.importorskip("tensorboard", reason="log.tensorboard needs the optional tensorboard package")
     train = HostedPeers.train
 
-    def crash_in_round_three(self: HostedPeers, round: int, present, clock) -> None:
+    def crash_in_round_three(self: HostedPeers, round: int, present) -> list[int]:
         if round == 3:
             raise KeyboardInterrupt
-        train(self, round, present, clock)
+        return train(self, round, present)
 
     with monkeypatch.context() as patch:
         patch.setattr(HostedPeers, "train", crash_in_round_three)

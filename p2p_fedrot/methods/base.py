@@ -1,12 +1,14 @@
 """The hooks a method implements; the runner calls them in this order every round.
 
 1. ``trained_parts(round)``  which factors the local optimizer may change (others are frozen)
-2. ``before_send(peer, round)``  e.g. rotate the factors toward a reference (fedrot)
+2. ``before_send(peer, round)``  e.g. rotate the factors toward a reference (fedrot); returns the
+   rotations applied (:class:`Aligned`)
 3. ``sent_parts(round)``  which parts of the flat buffer travel to the neighbours
 4. ``pack(peer, round, step, payload)``  what actually travels (default: those parts as they are)
 5. ``combine_row(peer, round, inputs, own)``  the new value of those parts from the (weight, payload)
-   pairs (``inputs[own]`` the receiver's own) and any rotation of the receiver's own factors; by
-   default ``combine(peer, round, inputs)``, the weighted average that most methods override
+   pairs (``inputs[own]`` the receiver's own), any rotation of the receiver's own factors and the log
+   of every rotation applied (:class:`Combined`); by default ``combine(peer, round, inputs)``, the
+   weighted average that most methods override
 6. ``settle(round, refused, reduce)``  on every process once mixing is done: change what all
    processes must hold alike (fedex's base weights), decided by all of them together
 
@@ -15,7 +17,7 @@ A new method is one small subclass registered with :func:`register`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, ClassVar, Protocol, Sequence
 
@@ -52,26 +54,39 @@ class PeerState:
 
 @dataclass
 class RotationLog:
-    """The rotations a method applied on this process since the last clear (the runner clears it every round)."""
+    """Rotations a method applied, for the alignment diagnostics: a hook returns those it applied
+    (:class:`Aligned`, :class:`Combined`) and the runner adds up a round's."""
 
-    angles: list[float]  # ||R - I||_F of each rotation applied (one per module and aligned factor pair)
+    angles: list[float] = field(default_factory=list)  # ||R - I||_F of each rotation (one per module and aligned factor pair)
     # per aligned factor pair: distance of the fitted side to its reference after / before (each distance
     # summed over modules inside its square root; 1 where the side already sat on its reference)
-    gains: list[float]
+    gains: list[float] = field(default_factory=list)
 
-    def clear(self) -> None:
-        self.angles.clear()
-        self.gains.clear()
+    def __add__(self, other: RotationLog) -> RotationLog:
+        """Both logs, this one's entries first."""
+        return RotationLog(self.angles + other.angles, self.gains + other.gains)
+
+
+@dataclass
+class Aligned:
+    """What :meth:`Method.before_send` did to a peer's factors: the rotations (one r x r R per module:
+    A <- R^T A, B <- B R) that its optimizer moments must follow, None where the factors kept their
+    frame, and the log of the rotations applied."""
+
+    rotations: list[torch.Tensor] | None = None
+    log: RotationLog = field(default_factory=RotationLog)
 
 
 @dataclass
 class Combined:
     """A mixing row's new value of the sent parts, and the rotations (one r x r R per module: A <- R^T A,
     B <- B R) that the receiver's own factors went through in it, so that its optimizer moments can
-    follow them as they follow :meth:`Method.before_send`'s; None where its own factors kept their frame."""
+    follow them as they follow :meth:`Method.before_send`'s; None where its own factors kept their frame.
+    ``log`` holds every rotation the row applied, to its neighbours' factors as well as its own."""
 
     value: torch.Tensor
     rotations: list[torch.Tensor] | None = None
+    log: RotationLog = field(default_factory=RotationLog)
 
 
 @dataclass(frozen=True)
@@ -116,7 +131,6 @@ class Method:
             raise ConfigError(f"method {self.name} aggregates on a server: use topology: server")
         self.args = {**self.params, **args}
         self.context = context
-        self.rotations = RotationLog([], [])  # what a rotating method applied, for the alignment diagnostics
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """State beyond the peers' buffers that a checkpoint must keep (the same on every process)."""
@@ -132,11 +146,12 @@ class Method:
         """Parts that travel this round; the empty set means no communication at all."""
         return ALL_PARTS
 
-    def before_send(self, peer: PeerState, round: int) -> list[torch.Tensor] | None:
+    def before_send(self, peer: PeerState, round: int) -> Aligned:
         """Hook run on every training peer after local steps and before the exchange. A method that
         re-expresses the factors by rotations returns them, one r x r R per module (A <- R^T A,
-        B <- B R), so that the peer's optimizer moments can follow; None otherwise."""
-        return None
+        B <- B R), so that the peer's optimizer moments can follow, with their log; the default
+        changes nothing."""
+        return Aligned()
 
     def pack(self, peer: PeerState, round: int, step: int, payload: torch.Tensor) -> torch.Tensor:
         """The message ``peer`` sends in mixing step ``step`` (the server mode has two steps)."""

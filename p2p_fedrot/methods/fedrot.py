@@ -39,7 +39,7 @@ import torch
 
 from ..errors import ConfigError
 from ..exact import weighted_sum
-from .base import Combined, Method, MethodContext, PeerState, adopts, register
+from .base import Aligned, Combined, Method, MethodContext, PeerState, RotationLog, adopts, register
 from .procrustes import Side, fit_rotations, misfit, rotate
 
 SIDES = ("auto", "alternate", "A", "B", "joint")
@@ -91,13 +91,14 @@ class FedRot(Method):
         the identity for it, so side A and joint align from round 0 and side B waits for a nonzero B."""
         return self.lam > 0.0
 
-    def before_send(self, peer: PeerState, round: int) -> list[torch.Tensor] | None:
+    def before_send(self, peer: PeerState, round: int) -> Aligned:
         if self.reference != "consensus" or not self.aligns(round) or peer.reference is None:
-            return None
+            return Aligned()
         factors = self._views(peer.flat)
         Rs = fit_rotations(*factors, *self._views(peer.reference), self.side_at(round), self.lam)
-        self._write(peer.flat, self._rotate_logged(factors, self._views(peer.reference), Rs, self.side_at(round)), ())
-        return Rs
+        rotated, log = self._rotate_logged(factors, self._views(peer.reference), Rs, self.side_at(round))
+        self._write(peer.flat, rotated, ())
+        return Aligned(Rs, log)
 
     def combine_row(self, peer: PeerState, round: int, inputs: Sequence[tuple[float, torch.Tensor]],
                     own: int | None) -> Combined:
@@ -107,53 +108,48 @@ class FedRot(Method):
             return super().combine_row(peer, round, inputs, own)
         side = self.side_at(round)
         if self.reference == "pairwise":
-            return Combined(self.combine(peer, round, self._pairwise(peer, inputs, own, side)))
-        factors, Rs = self.generalized_procrustes(self._stack([x for _, x in inputs]), [w for w, _ in inputs], side)
+            rows, log = self._pairwise(peer, inputs, own, side)
+            return Combined(self.combine(peer, round, rows), log=log)
+        factors, Rs, log = self.generalized_procrustes(self._stack([x for _, x in inputs]), [w for w, _ in inputs],
+                                                       side)
         rotated = [(w, self._write(x.clone(), factors, (row,))) for row, (w, x) in enumerate(inputs)]
-        return Combined(self.combine(peer, round, rotated), None if own is None else [R[own] for R in Rs])
+        return Combined(self.combine(peer, round, rotated), None if own is None else [R[own] for R in Rs], log)
 
     def _pairwise(self, peer: PeerState, inputs: Sequence[tuple[float, torch.Tensor]], own: int | None,
-                  side: Side) -> Inputs:
-        """Each neighbour's factors rotated toward the receiver's own; its own payload stays as it is."""
+                  side: Side) -> tuple[Inputs, RotationLog]:
+        """Each neighbour's factors rotated toward the receiver's own (its own payload stays as it is),
+        and the log of those rotations."""
         moved = [k for k in range(len(inputs)) if k != own]
-        rows = list(inputs)
+        rows, log = list(inputs), RotationLog()
         if moved:
-            rotated = self._align(self._stack([inputs[k][1] for k in moved]), self._views(peer.flat), side)
+            rotated, log = self._align(self._stack([inputs[k][1] for k in moved]), self._views(peer.flat), side)
             for row, k in enumerate(moved):
                 rows[k] = (inputs[k][0], self._write(inputs[k][1].clone(), rotated, (row,)))
-        return rows
+        return rows, log
 
     def generalized_procrustes(self, factors: Factors, weights: Sequence[float],
-                               side: Side) -> tuple[Factors, list[torch.Tensor]]:
+                               side: Side) -> tuple[Factors, list[torch.Tensor], RotationLog]:
         """Rotate every pair of the batch (row j: A_j, B_j) toward the ``weights``-weighted mean of the
-        current pairs and recompute the mean, ``iters`` times. Returns the rotated pairs and, per module,
-        each pair's whole rotation (the product over the iterations: what was applied), which it logs
-        with the pair's gain against the final mean."""
+        current pairs and recompute the mean, ``iters`` times. Returns the rotated pairs, per module
+        each pair's whole rotation (the product over the iterations: what was applied), and their log
+        with each pair's gain against the final mean."""
         original, total = factors, None
         for _ in range(self.iters):
             Rs = fit_rotations(*factors, *self._mean(factors, weights), side, self.lam)
             factors = rotate(*factors, Rs)
             total = Rs if total is None else [Q @ R for Q, R in zip(total, Rs)]
         mean = self._mean(factors, weights)
-        self._log(total, misfit(*original, *mean, side), misfit(*factors, *mean, side))
-        return factors, total
+        return factors, total, rotation_log(total, misfit(*original, *mean, side), misfit(*factors, *mean, side))
 
-    def _align(self, factors: Factors, refs: Factors, side: Side) -> Factors:
-        """The factors rotated toward ``refs`` (each reference broadcast over the batch), logged."""
+    def _align(self, factors: Factors, refs: Factors, side: Side) -> tuple[Factors, RotationLog]:
+        """The factors rotated toward ``refs`` (each reference broadcast over the batch), and the log."""
         return self._rotate_logged(factors, refs, fit_rotations(*factors, *refs, side, self.lam), side)
 
-    def _rotate_logged(self, factors: Factors, refs: Factors, Rs: list[torch.Tensor], side: Side) -> Factors:
+    @staticmethod
+    def _rotate_logged(factors: Factors, refs: Factors, Rs: list[torch.Tensor],
+                       side: Side) -> tuple[Factors, RotationLog]:
         rotated = rotate(*factors, Rs)
-        self._log(Rs, misfit(*factors, *refs, side), misfit(*rotated, *refs, side))
-        return rotated
-
-    def _log(self, Rs: list[torch.Tensor], before: torch.Tensor, after: torch.Tensor) -> None:
-        """Record every rotation's ||R - I||_F and, per factor pair, the fitted side's distance to its
-        reference after / before (1 where it already sat on it)."""
-        angles = [torch.linalg.matrix_norm(R - torch.eye(R.shape[-1], device=R.device)).flatten() for R in Rs]
-        self.rotations.angles += torch.cat(angles).tolist()
-        gains = torch.where(before > 0, (after / before).sqrt(), 1.0)
-        self.rotations.gains += gains.flatten().tolist()
+        return rotated, rotation_log(Rs, misfit(*factors, *refs, side), misfit(*rotated, *refs, side))
 
     def _views(self, flat: torch.Tensor) -> Factors:
         layout = self.context.layout
@@ -176,3 +172,11 @@ class FedRot(Method):
             for view, value in zip(part, values):
                 view.copy_(value[row])
         return flat
+
+
+def rotation_log(Rs: list[torch.Tensor], before: torch.Tensor, after: torch.Tensor) -> RotationLog:
+    """Every rotation's ||R - I||_F and, per factor pair, the fitted side's distance to its reference
+    after / before (1 where it already sat on it)."""
+    angles = [torch.linalg.matrix_norm(R - torch.eye(R.shape[-1], device=R.device)).flatten() for R in Rs]
+    gains = torch.where(before > 0, (after / before).sqrt(), 1.0)
+    return RotationLog(torch.cat(angles).tolist(), gains.flatten().tolist())

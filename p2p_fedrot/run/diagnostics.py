@@ -1,7 +1,8 @@
 """A round's disagreement and alignment numbers, combined over processes with exact sums.
 
-Each process measured its own peers and rows (exchange_step.py, the method's rotation log); here the sums
-and counts are all-reduced, so the record is the same whatever the number of processes.
+Each process measured its own peers and rows (exchange_step.py) and collected the rotations its method
+applied (what the round's align and mix phases returned); here the sums and counts are all-reduced, so
+the record is the same whatever the number of processes.
 """
 
 from __future__ import annotations

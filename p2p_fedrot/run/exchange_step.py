@@ -1,12 +1,10 @@
-"""A round's communication: each mixing step's exchange and combine for every hosted peer.
-
-On evaluated rounds it also measures, where the data already is, how far each mixing peer's new
-adapter is from the exact W-weighted mix of the adapters its neighbourhood sent.
+"""A round's communication, one mixing step at a time: exchange the payloads, combine each hosted
+mixing row, and on evaluated rounds measure, where the data already is, how far each mixing peer's
+new adapter is from the exact W-weighted mix of the adapters its neighbourhood sent.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -14,21 +12,24 @@ from scipy import sparse
 
 from ..comm.faults import corrupted
 from ..comm.routes import collect_mix_inputs, routes_of, row_entries
-from ..comm.screening import PayloadRules
+from ..comm.screening import BadPayload, PayloadRules
 from ..comm.transport import Transport
 from ..config import CommConfig
 from ..exact import MixInputs
 from ..graph.schedule import MixingSchedule
-from ..methods.base import ALL_PARTS, Method, PeerState
+from ..methods.base import ALL_PARTS, Method, PeerState, RotationLog
 from ..peers.factors import FactorLayout
 from .metrics import aggregation_errors, rotational_disagreement
-from .records import RoundClock
+
+SentBuffers = dict[int, list[tuple[int, float, torch.Tensor]]]  # per measured row: (j, W_ij, buffer of j as sent)
 
 
 @dataclass
 class MixOutcome:
-    """Payloads refused this round and, when asked, what this process measured: (absolute, relative)
-    aggregation errors of its mixing rows and the rotational part of each incoming edge's disagreement."""
+    """What mixing steps left behind on this process: the payloads refused, the rotations the method
+    applied in the mix and, when measured, the (absolute, relative) aggregation errors of its mixing
+    rows and the rotational part of each incoming edge's disagreement. One step's, or a round's
+    when added up (:meth:`add`)."""
 
     dropped: list[dict] = field(default_factory=list)
     errors: list[tuple[float, float]] = field(default_factory=list)
@@ -36,11 +37,53 @@ class MixOutcome:
     # (peer, one r x r R per module) for each hosted receiver whose own factors the method rotated, in
     # the order applied: its optimizer moments must follow (HostedPeers.follow_rotations)
     rotated: list[tuple[int, list[torch.Tensor]]] = field(default_factory=list)
+    rotations: RotationLog = field(default_factory=RotationLog)  # every rotation the combines applied
 
     @property
     def refused(self) -> list[tuple[int, int]]:
-        """(sender, receiver) of every payload this process's peers refused this round."""
+        """(sender, receiver) of every payload this process's peers refused."""
         return [(bad["sender"], bad["receiver"]) for bad in self.dropped]
+
+    def add(self, other: MixOutcome) -> None:
+        """Append what a later step left behind."""
+        self.dropped += other.dropped
+        self.errors += other.errors
+        self.rotational += other.rotational
+        self.rotated += other.rotated
+        self.rotations = self.rotations + other.rotations
+
+
+@dataclass(frozen=True)
+class MixingStep:
+    """Mixing step ``k`` of a round: its weights and the parts of the buffers that travel."""
+
+    round: int
+    k: int
+    W: sparse.csr_array
+    parts: frozenset[str]
+
+
+@dataclass
+class Arrived:
+    """A mixing step's exchange as it arrived: each hosted mixing row's (W_ij, payload of j) inputs,
+    ordered by j, and the payloads its peers refused."""
+
+    step: MixingStep
+    inputs: dict[int, MixInputs]
+    dropped: list[BadPayload]
+
+    @property
+    def refused(self) -> set[tuple[int, int]]:
+        return {(bad.sender, bad.receiver) for bad in self.dropped}
+
+
+@dataclass
+class SentCopy:
+    """What the error metric compares a step's mix with, kept before the mix overwrites it: for each
+    row that mixes several inputs, the buffers its senders sent and its own buffer before the mix."""
+
+    sent: SentBuffers
+    before: dict[int, torch.Tensor]
 
 
 def row_senders(W: sparse.csr_array, i: int, refused: set[tuple[int, int]]) -> list[int]:
@@ -66,59 +109,69 @@ class Mixer:
         self.probe = probe  # carries whole buffers for the error metric when payloads are partial (not counted)
         self.rules = PayloadRules(comm.validate, comm.max_norm_ratio, comm.on_bad_payload)
 
-    def mix(self, round: int, states: dict[int, PeerState], clock: RoundClock, measure: bool) -> MixOutcome:
-        """Apply each mixing step of the round to every hosted peer."""
-        outcome = MixOutcome()
+    def steps(self, round: int) -> list[MixingStep]:
+        """The round's mixing steps; none when nothing travels (the warm-up, a method that sends nothing)."""
         parts = self.sent_parts(round)
         if not parts:
-            return outcome
-        for k, W in enumerate(self.schedule.steps_at(round)):
-            since = time.perf_counter()
-            payloads = {p: self.method.pack(s, round, k, self.layout.extract(s.flat, parts)) for p, s in states.items()}
-            mixes, dropped = collect_mix_inputs(
-                self.transport, W, payloads, step=f"round {round} step {k}",
-                numel_of=lambda src: self.method.payload_numel(round, k, src),
-                outgoing=self.drill(payloads, round), rules=self.rules, tag=(round, k))
-            outcome.dropped += [bad.as_record(round) for bad in dropped]
-            refused = {(bad.sender, bad.receiver) for bad in dropped}
-            since = clock.add("exchange", since)
-            sent = self.sent_buffers(round, k, W, states, mixes, parts, refused) if measure else {}
-            before = {i: states[i].flat.clone() for i in sent}
-            since = clock.add("eval", since)  # what the error metric needs is not the exchange's cost
-            # every row's inputs are read before any row is written: local inputs are views of buffers
-            updates = {i: self.method.combine_row(states[i], round, inputs, own_input(W, i, refused))
-                       for i, inputs in mixes.items()}
-            for i, combined in updates.items():
-                self.layout.insert(states[i].flat, parts, combined.value)
-                if combined.rotations is not None:
-                    outcome.rotated.append((i, combined.rotations))
-            since = clock.add("exchange", since)
-            self.measure(sent, before, states, outcome)
-            clock.add("eval", since)
+            return []
+        return [MixingStep(round, k, W, parts) for k, W in enumerate(self.schedule.steps_at(round))]
+
+    def exchange(self, step: MixingStep, states: dict[int, PeerState]) -> Arrived:
+        """Every hosted peer packs its payload and sends it along the step's routes; what each hosted
+        mixing row receives is screened."""
+        round, k = step.round, step.k
+        payloads = {p: self.method.pack(s, round, k, self.layout.extract(s.flat, step.parts)) for p, s in states.items()}
+        inputs, dropped = collect_mix_inputs(
+            self.transport, step.W, payloads, step=f"round {round} step {k}",
+            numel_of=lambda src: self.method.payload_numel(round, k, src),
+            outgoing=self.drill(payloads, round), rules=self.rules, tag=(round, k))
+        return Arrived(step, inputs, dropped)
+
+    def keep_sent(self, arrived: Arrived, states: dict[int, PeerState]) -> SentCopy:
+        """Copies of what the error metric needs, taken before :meth:`combine` overwrites the buffers."""
+        sent = self.sent_buffers(arrived, states)
+        return SentCopy(sent, {i: states[i].flat.clone() for i in sent})
+
+    def combine(self, arrived: Arrived, states: dict[int, PeerState]) -> MixOutcome:
+        """Each hosted mixing row's new value of the sent parts; returns the step's outcome: the
+        payloads refused in its exchange and the rotations its combines applied."""
+        step, refused = arrived.step, arrived.refused
+        outcome = MixOutcome(dropped=[bad.as_record(step.round) for bad in arrived.dropped])
+        # every row's inputs are read before any row is written: local inputs are views of buffers
+        updates = {i: self.method.combine_row(states[i], step.round, inputs, own_input(step.W, i, refused))
+                   for i, inputs in arrived.inputs.items()}
+        for i, combined in updates.items():
+            self.layout.insert(states[i].flat, step.parts, combined.value)
+            if combined.rotations is not None:
+                outcome.rotated.append((i, combined.rotations))
+            outcome.rotations = outcome.rotations + combined.log
         return outcome
 
-    def measure(self, sent: dict[int, list[tuple[int, float, torch.Tensor]]], before: dict[int, torch.Tensor],
-                states: dict[int, PeerState], outcome: MixOutcome) -> None:
+    def measure(self, kept: SentCopy, states: dict[int, PeerState]) -> MixOutcome:
         """Aggregation error of each row, and the rotational part of the disagreement on each edge
         j -> i between what j sent and what i held (the server's hub: the model the clients started from)."""
-        rows = {i: [(w, x) for _, w, x in triples] for i, triples in sent.items()}
-        outcome.errors += list(aggregation_errors(self.layout, rows, {i: states[i].flat for i in sent}).values())
-        for i, triples in sent.items():
-            outcome.rotational += [rotational_disagreement(self.layout, before[i], x) for j, _, x in triples if j != i]
+        outcome = MixOutcome()
+        rows = {i: [(w, x) for _, w, x in triples] for i, triples in kept.sent.items()}
+        outcome.errors += list(aggregation_errors(self.layout, rows, {i: states[i].flat for i in kept.sent}).values())
+        for i, triples in kept.sent.items():
+            outcome.rotational += [rotational_disagreement(self.layout, kept.before[i], x)
+                                   for j, _, x in triples if j != i]
+        return outcome
 
-    def sent_buffers(self, round: int, k: int, W, states: dict[int, PeerState], mixes: dict[int, MixInputs],
-                     parts: frozenset[str], refused: set[tuple[int, int]]) -> dict[int, list[tuple[int, float, torch.Tensor]]]:
+    def sent_buffers(self, arrived: Arrived, states: dict[int, PeerState]) -> SentBuffers:
         """For each row that mixes several inputs, its (j, W_ij, buffer of j as sent) triples: the
         payloads themselves (copied) when they are whole buffers, else whole buffers fetched over the probe.
 
         Whether the probe runs is decided from W and the method alone, the same on every process: a
         process with no mixing row of its own (the server's clients in the up step) must still send the
         buffers that another process's rows measure, or that process waits for them to the deadline."""
-        rows = {i: inputs for i, inputs in mixes.items() if len(inputs) > 1}
-        senders = {i: row_senders(W, i, refused) for i in rows}
-        routes = routes_of(W)
-        whole = parts == ALL_PARTS and all(self.method.payload_numel(round, k, src) == self.layout.numel
-                                           for src, _ in routes)
+        step, refused = arrived.step, arrived.refused
+        round, k = step.round, step.k
+        rows = {i: inputs for i, inputs in arrived.inputs.items() if len(inputs) > 1}
+        senders = {i: row_senders(step.W, i, refused) for i in rows}
+        routes = routes_of(step.W)
+        whole = step.parts == ALL_PARTS and all(self.method.payload_numel(round, k, src) == self.layout.numel
+                                                for src, _ in routes)
         if whole or not routes:  # copies: mixing then overwrites the buffers that local inputs view
             return {i: [(j, w, x.clone()) for j, (w, x) in zip(senders[i], inputs)] for i, inputs in rows.items()}
         buffers = {p: s.flat.clone() for p, s in states.items()}

@@ -13,11 +13,12 @@ import torch
 from .. import methods
 from ..config import RunConfig
 from ..data.federated import FederatedData, pool
+from ..methods.base import RotationLog
 from ..peers.adapters import save_peer_adapters
 from ..peers.bank import PeerBank
 from ..peers.training import BankTrainer, EvalResult, evaluate
 from . import checkpoint
-from .records import RoundClock, announce_phase
+from .records import announce_phase
 
 POOLED_STREAM = 2**32 - 1  # seed key of the pooled learner's batches (never a peer id)
 
@@ -47,28 +48,37 @@ class HostedPeers:
         rule = c.train.optimizer_state
         self.reset_optimizer = rule == "reset" or (rule == "method" and method.resets_optimizer)
 
-    def train(self, round: int, present: np.ndarray, clock: RoundClock) -> None:
-        """Local steps, then the method's pre-send hook, on every hosted client present this round."""
+    def train(self, round: int, present: np.ndarray) -> list[int]:
+        """Local steps on every hosted client present this round (the pooled learner: every round),
+        from a reference copy of its buffer where the method asks for one and, under the optimizer-state
+        reset policy, fresh optimizer state. Returns the peers that trained."""
+        since = time.perf_counter()
         method = self.method
-        method.rotations.clear()  # the round's diagnostics count only this round's rotations
         training = [p for p in self.trainer.peers if present[p] or method.pooled_data]
         if method.needs_reference:
             for p in training:
                 self.states[p].reference = self.states[p].flat.detach().clone()
         if self.reset_optimizer and round > 0:
             self.trainer.reset_optimizers(training)
-        since = time.perf_counter()
         self.trainer.train(round, training, method.trained_parts(round))
-        since = clock.add("train", since)
-        for p in training:
-            rotations = method.before_send(self.states[p], round)
-            if rotations is not None:
-                self.trainer.rotate_moments(p, rotations)
-        clock.add("align", since)
-        if method.pooled_data and training:
+        announce_phase(round, self.config.rounds, f"process 0 trained {_peers(len(training))}",
+                       time.perf_counter() - since)
+        return training
+
+    def align(self, round: int, trained: list[int]) -> RotationLog:
+        """The method's pre-send hook on each peer that trained, its optimizer moments following the
+        rotations the hook applied; the pooled learner's copies then take its result. Returns the log
+        of the rotations applied."""
+        log = RotationLog()
+        for p in trained:
+            aligned = self.method.before_send(self.states[p], round)
+            if aligned.rotations is not None:
+                self.trainer.rotate_moments(p, aligned.rotations)
+            log = log + aligned.log
+        if self.method.pooled_data and trained:
             for other in self.clients:
-                self.states[other].flat.copy_(self.states[training[0]].flat)
-        announce_phase(round, self.config.rounds, f"process 0 trained {_peers(len(training))}", clock.seconds["train"])
+                self.states[other].flat.copy_(self.states[trained[0]].flat)
+        return log
 
     def follow_rotations(self, rotated: list[tuple[int, list[torch.Tensor]]]) -> None:
         """Turn the optimizer moments of hosted peers whose own factors mixing rotated (see

@@ -1,4 +1,5 @@
-"""The round loop: train -> align -> exchange -> mix -> evaluate -> log -> checkpoint.
+"""The round loop: train -> align -> (exchange -> mix [-> measure]) per mixing step -> evaluate -> record
+-> checkpoint.
 
 Every process runs this loop for the peers it hosts. All decisions (graph of the round, mixing
 weights, which parts train or travel) are computed identically on every process from the config
@@ -28,6 +29,7 @@ from ..errors import ConfigError, P2PFedRotError
 from ..graph.schedule import MixingSchedule
 from ..graph.topologies import build_topology, edge_pairs
 from ..io import atomic_write_json
+from ..methods.base import RotationLog
 from ..peers.adapters import save_consensus_adapter
 from ..peers.models import CAUSAL_LM, build_bank, load_tokenizer, task_of
 from ..peers.training import peers_per_forward
@@ -111,7 +113,6 @@ class Experiment:
         probe = Transport(self.placement, runtime.device, config.comm.timeout_s, runtime.wire_device)
         self.mixer = Mixer(self.method, self.schedule, self.layout, transport, probe, config.comm,
                            config.train.warmup_rounds)
-        self.dropped: list[dict] = []  # payloads refused since the last evaluated round (on_bad_payload: drop)
         self.out = Path(config.out)
         self.bytes_total = 0
         self.wire_bytes_before = 0  # sent over the wire by all processes before the checkpoint resumed from
@@ -132,35 +133,52 @@ class Experiment:
     def run(self) -> dict:
         rank0 = self.runtime.rank == 0
         plan = self.plan_start()
-        self.restore(plan)
+        unreported = self.restore(plan)  # payloads refused since the last record (on_bad_payload: drop)
         self.group.arrive("reading the checkpoint")  # process 0 rewrites out only once everyone has read it
         writer = outputs.prepare(self.config, self.schedule.record(), plan.first_round) if rank0 else None
         tensorboard = rank0 and self.config.log.tensorboard
         board = outputs.TensorBoardWriter(self.out, plan.first_round) if tensorboard else None
         self.group.arrive("preparing the output folder")  # nobody writes into out before it is ready
         start = time.perf_counter() - plan.elapsed_s
-        last: dict = {}
+        states, last = self.hosted.states, {}
         try:
             for round in range(plan.first_round, self.config.rounds):
-                clock = RoundClock()
-                evaluate_now = (round + 1) % self.config.eval.every == 0 or round == self.config.rounds - 1
-                self.hosted.train(round, self.schedule.present_at(round), clock)
-                mixed = self.mixer.mix(round, self.hosted.states, clock, measure=evaluate_now)
+                clock, evaluated = RoundClock(), self.evaluated(round)
+                with clock.phase("train"):
+                    trained = self.hosted.train(round, self.schedule.present_at(round))
+                with clock.phase("align"):
+                    aligned = self.hosted.align(round, trained)
+                mixed = MixOutcome()
+                for step in self.mixer.steps(round):  # the combine counts as exchange, the error metric as eval
+                    with clock.phase("exchange"):
+                        arrived = self.mixer.exchange(step, states)
+                    with clock.phase("eval"):  # what the error metric compares with, before the mix overwrites it
+                        kept = self.mixer.keep_sent(arrived, states) if evaluated else None
+                    with clock.phase("exchange"):
+                        mixed.add(self.mixer.combine(arrived, states))
+                    if evaluated:
+                        with clock.phase("eval"):
+                            mixed.add(self.mixer.measure(kept, states))
                 self.hosted.follow_rotations(mixed.rotated)
-                self.dropped += mixed.dropped
                 self.method.settle(round, mixed.refused, partial(self.group.reduce, what="settling the round's mixing"))
                 sent = self.mixer.round_bytes(round, self.bank.flats.element_size())
                 self.bytes_total += sent
-                record = self.evaluate(round, clock, mixed, sent, time.perf_counter() - start) if evaluate_now else None
-                if record:
-                    writer.write(record)
-                    if board is not None:
-                        board.write(record)
-                    last = record
+                unreported += mixed.dropped
+                record = None
+                if evaluated:
+                    elapsed = time.perf_counter() - start
+                    with clock.phase("eval"):
+                        scores = self.evaluate(round, mixed, aligned + mixed.rotations, unreported)
+                    record, unreported = self.record(round, scores, sent, clock, elapsed), []
+                    if record:  # process 0
+                        writer.write(record)
+                        if board is not None:
+                            board.write(record)
+                        last = record
                 if rank0:
                     print_progress(round, self.config.rounds, time.perf_counter() - start, self.bytes_total, record)
                 if self.checkpoint_due(round):
-                    self.save_checkpoint(round, time.perf_counter() - start)
+                    self.save_checkpoint(round, time.perf_counter() - start, unreported)
         finally:
             if writer is not None:
                 writer.close()
@@ -172,6 +190,9 @@ class Experiment:
         if rank0 and not last:
             last = outputs.last_record(self.out)
         return self.finish(last, time.perf_counter() - start)
+
+    def evaluated(self, round: int) -> bool:
+        return (round + 1) % self.config.eval.every == 0 or round == self.config.rounds - 1
 
     def plan_start(self) -> StartPlan:
         """Process 0 reads ``out`` and decides how the run starts; every process follows its answer
@@ -188,19 +209,24 @@ class Experiment:
         return decision
 
     # ------------------------------------------------------------------ metrics
-    def evaluate(self, round: int, clock: RoundClock, mixed: MixOutcome, sent: int, elapsed: float) -> dict:
-        """Every hosted client's scores; the metrics summed exactly over processes; the round's record
-        on process 0 (an empty dict elsewhere)."""
-        since = time.perf_counter()
-        results = self.group.gather_objects((self.hosted.evaluate(round), self.dropped), "gathering evaluation results")
-        self.dropped = []
-        metrics = round_metrics(self.layout, self.hosted.client_rows(), len(self.clients), mixed,
-                                self.method.rotations, self.group.reduce)
-        clock.add("eval", since)
+    def evaluate(self, round: int, mixed: MixOutcome, rotations: RotationLog,
+                 unreported: list[dict]) -> tuple[list, dict[str, float | None]]:
+        """Every hosted client's scores gathered with every process's refused payloads (``unreported``),
+        and the round's metrics summed exactly over processes (``rotations``: what this process's method
+        applied in the round's align and mix phases)."""
+        results = self.group.gather_objects((self.hosted.evaluate(round), unreported), "gathering evaluation results")
+        metrics = round_metrics(self.layout, self.hosted.client_rows(), len(self.clients), mixed, rotations,
+                                self.group.reduce)
+        return results, metrics
+
+    def record(self, round: int, scores: tuple[list, dict[str, float | None]], sent: int, clock: RoundClock,
+               elapsed: float) -> dict:
+        """The round's record on process 0 (an empty dict elsewhere), with each phase's slowest process."""
         seconds = self.group.max_seconds(clock.seconds)
         if self.runtime.rank != 0:
             return {}
-        per_peer = {p: scores for process_results, _ in results for p, scores in process_results.items()}
+        results, metrics = scores
+        per_peer = {p: process_scores for process_results, _ in results for p, process_scores in process_results.items()}
         dropped = [d for _, process_dropped in results for d in process_dropped]
         absent = np.flatnonzero(~self.schedule.present_at(round)).tolist()
         return round_record(round, elapsed, per_peer, metrics, sent, self.bytes_total, absent, dropped, seconds,
@@ -211,14 +237,15 @@ class Experiment:
         every = self.config.checkpoint_every
         return round == self.config.rounds - 1 or (every > 0 and (round + 1) % every == 0)
 
-    def save_checkpoint(self, round: int, elapsed: float) -> None:
-        """Each process writes its peers; once all have, process 0 commits the checkpoint."""
+    def save_checkpoint(self, round: int, elapsed: float, unreported: list[dict]) -> None:
+        """Each process writes its peers; once all have, process 0 commits the checkpoint, with the
+        payloads refused since the last record (``unreported``)."""
         folder = checkpoint.round_folder(self.out, round)
         self.hosted.save(folder)
         if self.runtime.rank == 0:
             checkpoint.save_shared(folder, self.method.state_tensors())
         # payloads refused since the last record belong to the next one, even after a resume
-        dropped = [d for process_dropped in self.group.gather_objects(self.dropped, "gathering refused payloads")
+        dropped = [d for process_dropped in self.group.gather_objects(unreported, "gathering refused payloads")
                    for d in process_dropped]
         wire_bytes = self.wire_bytes_total()
         self.group.arrive("writing the checkpoint")
@@ -227,17 +254,17 @@ class Experiment:
                     "config": self.config.to_dict(), "dropped": dropped, "launch": launch_id()}
             checkpoint.commit(self.out, round, meta)
 
-    def restore(self, plan: StartPlan) -> None:
-        """Load the planned checkpoint, if any: every hosted peer's buffer and optimizer state."""
+    def restore(self, plan: StartPlan) -> list[dict]:
+        """Load the planned checkpoint, if any: every hosted peer's buffer and optimizer state. Returns
+        the payloads refused since the checkpoint's last record, on process 0, which assembles the records."""
         found = plan.checkpoint
         if found is None:
-            return
+            return []
         self.hosted.restore(found)
         self.method.load_state_tensors(found.shared())
         self.bytes_total = plan.bytes_total
         self.wire_bytes_before = plan.wire_bytes_total
-        if self.runtime.rank == 0:  # process 0 assembles the records, so it carries the earlier drops
-            self.dropped = list(found.meta.get("dropped", []))
+        return list(found.meta.get("dropped", [])) if self.runtime.rank == 0 else []
 
     def wire_bytes_total(self) -> int:
         """Bytes all processes sent over the wire in the whole run, the part before a resume included

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 
@@ -13,16 +15,23 @@ from ..console import announce
 LONG_PHASE_S = 1.0  # a phase of a round that takes at least this long gets a progress line of its own
 
 
+PHASES = ("train", "align", "exchange", "eval")  # the phases a round's record times
+
+
 @dataclass
 class RoundClock:
     """Seconds spent per phase in the current round."""
 
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("train", "align", "exchange", "eval"), 0.0))
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
-    def add(self, phase: str, since: float) -> float:
-        now = time.perf_counter()
-        self.seconds[phase] += now - since
-        return now
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Add the seconds the block takes to phase ``name`` (a phase may be entered several times a round)."""
+        since = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - since
 
 
 def round_record(round: int, elapsed: float, per_peer: dict[int, tuple], metrics: dict[str, float],
