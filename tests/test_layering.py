@@ -1,6 +1,7 @@
 """The package's layers, checked on its source: every import of every module under p2p_fedrot/
 (absolute and relative, inside functions too) points to the same layer or a lower one, graph/ stays
-free of torch, comm/ of LoRA, and module-level imports form no cycle. Pure parsing: nothing is imported.
+free of torch, comm/ of LoRA, robust/ of processes and runs, and module-level imports form no cycle.
+Pure parsing: nothing is imported.
 
 Layers, lowest first (a module may import its own layer and those below):
 
@@ -10,9 +11,10 @@ Layers, lowest first (a module may import its own layer and those below):
     3 data     corpora and their partitions across peers
     4 peers    LoRA factors, the peer bank, optimizers, training, adapters
     5 methods  aggregation methods
-    6 run      the round loop and what a run writes
-    7 study    sweeps, run groups, findings, reports
-    8 top      cli, __main__, the package itself, and old import paths kept for one release
+    6 robust   attacks and robust mixing rules on gauge-fixed factors (pure maths)
+    7 run      the round loop and what a run writes
+    8 study    sweeps, run groups, findings, reports
+    9 top      cli, __main__, the package itself, and old import paths kept for one release
 
 config is bottom: the typed configuration is read by most layers (comm.runtime, data, peers, run).
 """
@@ -25,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "p2p_fedrot"
 
-LAYERS = ["bottom", "graph", "comm", "data", "peers", "methods", "run", "study", "top"]
+LAYERS = ["bottom", "graph", "comm", "data", "peers", "methods", "robust", "run", "study", "top"]
 RANK = {name: rank for rank, name in enumerate(LAYERS)}
-SUBPACKAGES = {"graph", "comm", "data", "peers", "methods", "run", "study"}  # each a layer of its own
+SUBPACKAGES = {"graph", "comm", "data", "peers", "methods", "robust", "run", "study"}  # each a layer of its own
 TOP_LEVEL = {  # modules directly under p2p_fedrot/
     "errors": "bottom", "io": "bottom", "seeding": "bottom", "packages": "bottom", "provenance": "bottom",
     "console": "bottom", "exact": "bottom", "config": "bottom",
@@ -44,6 +46,9 @@ FORBIDDEN = {
                for layer in ("peers", "methods", "data", "run")]],
     "methods": [(f"{PACKAGE}.comm", "a method gets its inputs and reduces passed in; it never communicates"),
                 (f"{PACKAGE}.run", "a method does not know the round loop")],
+    "robust": [("torch.distributed", "robust rules and attacks are maths on the payloads they are given"),
+               (f"{PACKAGE}.comm", "robust rules and attacks are maths on the payloads they are given"),
+               (f"{PACKAGE}.run", "robust rules and attacks do not know the round loop")],
 }
 # (module, imported prefix): allowed exceptions to FORBIDDEN, each with its reason
 ALLOWED = {
@@ -193,6 +198,8 @@ def test_the_check_catches_upward_imports_torch_in_graph_and_lora_in_comm(tmp_pa
         "comm/routes.py": "from peft import LoraConfig\nfrom ..graph import weights\n",
         "methods/__init__.py": "",
         "methods/base.py": "from ..errors import ConfigError\n\ndef g():\n    from ..run import loop\n",
+        "robust/__init__.py": "",
+        "robust/rules.py": "import torch.distributed\n",
         "run/__init__.py": "",
         "run/loop.py": "from p2p_fedrot.methods.base import g\nfrom ..study.report import r\n",
         "study/__init__.py": "",
@@ -212,8 +219,10 @@ def test_the_check_catches_upward_imports_torch_in_graph_and_lora_in_comm(tmp_pa
         "p2p_fedrot.methods.base (p2p_fedrot/methods/base.py:4) imports p2p_fedrot.run.loop: a method does not "
         "know the round loop",
         "p2p_fedrot.methods.base (p2p_fedrot/methods/base.py:4) imports p2p_fedrot.run.loop: methods (layer 5) may "
-        "not import run (layer 6), a higher layer",
-        "p2p_fedrot.run.loop (p2p_fedrot/run/loop.py:2) imports p2p_fedrot.study.report: run (layer 6) may not "
-        "import study (layer 7), a higher layer",
+        "not import run (layer 7), a higher layer",
+        "p2p_fedrot.robust.rules (p2p_fedrot/robust/rules.py:1) imports torch.distributed: robust rules and attacks "
+        "are maths on the payloads they are given",
+        "p2p_fedrot.run.loop (p2p_fedrot/run/loop.py:2) imports p2p_fedrot.study.report: run (layer 7) may not "
+        "import study (layer 8), a higher layer",
     ]
     assert cycles(tmp_path) == [["p2p_fedrot.study.report", "p2p_fedrot.study.groups", "p2p_fedrot.study.report"]]

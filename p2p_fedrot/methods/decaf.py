@@ -38,15 +38,16 @@ def truncated_product_svd(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor]
 
 
 def canonical_signs(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip each singular pair (column k of B, row k of A) so that its largest entry in B is positive.
+    """Flip each singular pair (column k of B, row k of A) so that its largest entry in B is positive;
+    per matrix of a batch (B ... x d_out x r, A ... x r x d_in).
 
     An SVD fixes each pair only up to sign; without a convention two peers holding the same product
     get factors with flipped columns, and averaging those factors destroys the product.
     """
-    largest = B.abs().argmax(dim=0)
-    signs = torch.sign(B.gather(0, largest[None, :])).squeeze(0)
+    largest = B.abs().argmax(dim=-2, keepdim=True)
+    signs = torch.sign(B.gather(-2, largest))
     signs[signs == 0] = 1.0
-    return B * signs, A * signs[:, None]
+    return B * signs, A * signs.mT
 
 
 def mix_products(layout: FactorLayout, inputs: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
