@@ -88,13 +88,21 @@ def test_a_bad_payload_stops_the_run_naming_its_sender(tmp_path: Path, kind: str
     assert "Traceback" not in text
 
 
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """The drill's run without a fault: its metrics, which every dropped-payload case is compared with."""
+    out = tmp_path_factory.mktemp("clean")
+    result = launch.run(toy_args(out, *SHORT, "rounds=4"))
+    assert result.returncode == 0, result.stderr
+    return launch.comparable_metrics(out)
+
+
 @pytest.mark.parametrize("kind", sorted(REASONS))
-def test_a_dropped_payload_is_recorded_and_the_neighbours_go_on_without_it(tmp_path: Path, kind: str) -> None:
+def test_a_dropped_payload_is_recorded_and_the_neighbours_go_on_without_it(tmp_path: Path, clean: list[dict],
+                                                                          kind: str) -> None:
     code, text = drill(tmp_path / "drill", kind, "drop")
     assert code == 0, text
-    clean = launch.run(toy_args(tmp_path / "clean", *SHORT, "rounds=4"))
-    assert clean.returncode == 0, clean.stderr
-    drilled, reference = launch.comparable_metrics(tmp_path / "drill"), launch.comparable_metrics(tmp_path / "clean")
+    drilled, reference = launch.comparable_metrics(tmp_path / "drill"), clean
     assert [r["dropped"] for r in drilled[:2]] == [[], []]
     assert [(d["round"], d["sender"], d["receiver"]) for d in drilled[2]["dropped"]] == [(2, 3, 2), (2, 3, 4)]
     assert REASONS[kind] in drilled[2]["dropped"][0]["reason"]

@@ -36,34 +36,55 @@ def known_vectors() -> np.ndarray:
     return np.random.default_rng(7).normal(size=(PEERS, 5)).astype(np.float32)
 
 
-def mix_worker(rank: int, world: int, steps: list[sparse.csr_array], X: np.ndarray) -> dict:
-    """Apply the mixing steps to X on this rank's peers; return their final vectors and wire bytes."""
+def mix_cases(rank: int, world: int, cases: dict[str, list[sparse.csr_array]], X: np.ndarray) -> dict[str, dict]:
+    """Apply each case's mixing steps to X on this rank's peers, one case after another on one process
+    group; per case, the final vectors of this rank's peers and the bytes its transport sent."""
     runtime = init_runtime("gloo", timeout_s=30)
     placement = Placement(PEERS, world, rank)
-    transport = Transport(placement, runtime.device, timeout_s=30)
-    values = {p: torch.tensor(X[p]) for p in placement.local_peers}
-    for k, W in enumerate(steps):
-        inputs, _ = collect_mix_inputs(transport, W, values, step=f"step {k}", tag=(0, k))
-        values.update({i: weighted_sum(pairs) for i, pairs in inputs.items()})
-    return {"values": {p: v.numpy() for p, v in values.items()}, "wire_bytes": transport.wire_bytes}
+    results = {}
+    for case, steps in cases.items():
+        transport = Transport(placement, runtime.device, timeout_s=30)
+        values = {p: torch.tensor(X[p]) for p in placement.local_peers}
+        for k, W in enumerate(steps):
+            inputs, _ = collect_mix_inputs(transport, W, values, step=f"{case} step {k}", tag=(0, k))
+            values.update({i: weighted_sum(pairs) for i, pairs in inputs.items()})
+        results[case] = {"values": {p: v.numpy() for p, v in values.items()}, "wire_bytes": transport.wire_bytes}
+    return results
 
 
-def run_mix(steps: list[sparse.csr_array], X: np.ndarray, world: int) -> tuple[np.ndarray, list[int]]:
-    results = [mix_worker(0, 1, steps, X)] if world == 1 else spawn_ranks(mix_worker, world, steps, X, timeout=90)
-    out = np.zeros_like(X)
-    for result in results:
-        for peer, value in result["values"].items():
-            out[peer] = value
-    return out, [r["wire_bytes"] for r in results]
+COUNTS = [30, 10, 25, 5, 40, 12, 8]  # samples of clients 1..7 in server mode
+CASES = {  # case -> its mixing steps
+    **{name: [mixing_matrix(graph)] for name, graph in GRAPHS.items()},
+    # partial participation: absent peers keep their value, the others mix over who is there
+    "restricted torus": [restrict(mixing_matrix(GRAPHS["torus"]), present_peers(seed=5, round=0, peers=PEERS,
+                                                                                   probability=0.5))],
+    "server": list(server_mixing_steps(COUNTS)),
+}
+
+
+@pytest.fixture(scope="module")
+def mixed() -> dict[tuple[str, int], tuple[np.ndarray, list[int]]]:
+    """(case, process count) -> every peer's final vector and each process's wire bytes: every case
+    on 1 process, and on 2 and 4 real gloo ranks (one launch per process count)."""
+    X = known_vectors()
+    runs = {1: [mix_cases(0, 1, CASES, X)], **{world: spawn_ranks(mix_cases, world, CASES, X, timeout=120)
+                                                for world in (2, 4)}}
+    found = {}
+    for world, ranks in runs.items():
+        for case in CASES:
+            out = np.zeros_like(X)
+            for result in ranks:
+                for peer, value in result[case]["values"].items():
+                    out[peer] = value
+            found[case, world] = out, [result[case]["wire_bytes"] for result in ranks]
+    return found
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
 @pytest.mark.parametrize("name", sorted(GRAPHS))
-def test_one_gossip_step_equals_W_x(name: str, world: int) -> None:
-    W = mixing_matrix(GRAPHS[name])
-    X = known_vectors()
-    out, wire = run_mix([W], X, world)
-    np.testing.assert_allclose(out, W @ X.astype(np.float64), rtol=0, atol=1e-6)
+def test_one_gossip_step_equals_W_x(mixed, name: str, world: int) -> None:
+    out, wire = mixed[name, world]
+    np.testing.assert_allclose(out, mixing_matrix(GRAPHS[name]) @ known_vectors().astype(np.float64), rtol=0, atol=1e-6)
     if world == 1:
         assert wire == [0]  # co-hosted peers exchange in memory
 
@@ -88,30 +109,27 @@ def test_each_input_list_is_its_row_in_ascending_j() -> None:
         assert [(w, int(x[0])) for w, x in pairs] == [(dense[i, j], j) for j in np.flatnonzero(dense[i])]
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_gossip_over_a_restricted_step_equals_R_x(world: int) -> None:
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_gossip_over_a_restricted_step_equals_R_x(mixed, world: int) -> None:
     """Partial participation: absent peers keep their value, the others mix over who is there."""
-    R = restrict(mixing_matrix(GRAPHS["torus"]), present_peers(seed=5, round=0, peers=PEERS, probability=0.5))
-    X = known_vectors()
-    out, _ = run_mix([R], X, world)
-    np.testing.assert_allclose(out, R @ X.astype(np.float64), rtol=0, atol=1e-6)
+    [R] = CASES["restricted torus"]
+    out, _ = mixed["restricted torus", world]
+    np.testing.assert_allclose(out, R @ known_vectors().astype(np.float64), rtol=0, atol=1e-6)
 
 
-def test_messages_are_one_per_process_pair() -> None:
+def test_messages_are_one_per_process_pair(mixed) -> None:
     """On a ring over 2 processes, each process sends one message holding its two boundary peers."""
-    W = mixing_matrix(GRAPHS["ring"])
-    _, wire = run_mix([W], known_vectors(), 2)
+    _, wire = mixed["ring", 2]
     # process 0 hosts 0-3: peers 0 and 3 border process 1 (peers 7 and 4) -> 2 payloads of 5 floats,
     # after a header of 4 + 2 int64 (magic, round, step, count, one size per payload)
     assert wire == [2 * 5 * 4 + 6 * 8] * 2
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_server_mode_equals_fedavg_by_hand(world: int) -> None:
-    X = known_vectors()
-    counts = np.array([30, 10, 25, 5, 40, 12, 8], dtype=np.float64)  # samples of clients 1..7
-    out, _ = run_mix(server_mixing_steps(counts.tolist()), X, world)
-    fedavg = (counts[:, None] * X[1:].astype(np.float64)).sum(axis=0) / counts.sum()
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_server_mode_equals_fedavg_by_hand(mixed, world: int) -> None:
+    out, _ = mixed["server", world]
+    counts = np.array(COUNTS, dtype=np.float64)
+    fedavg = (counts[:, None] * known_vectors()[1:].astype(np.float64)).sum(axis=0) / counts.sum()
     for node in range(PEERS):
         np.testing.assert_allclose(out[node], fedavg, rtol=0, atol=1e-6)
 
