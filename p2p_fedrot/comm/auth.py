@@ -32,7 +32,7 @@ SECRET_VARIABLE = "P2P_FEDROT_SECRET"
 MIN_SECRET_CHARS = 16
 NONCE_BYTES = 32
 MAC_BYTES = hashlib.sha256().digest_size  # 32
-MAKE_SECRET = "export P2P_FEDROT_SECRET=$(python -c 'import secrets; print(secrets.token_hex(32))')"
+MAKE_SECRET = "python -c 'import secrets; print(secrets.token_hex(32))'"
 FIX = f"set the same {SECRET_VARIABLE} on every node (or on none) and launch again"
 # labels that keep the three uses of the secret apart: a value computed for one is no use for another
 PROOF_LABEL = b"p2p_fedrot start-up proof\0"
@@ -82,7 +82,7 @@ def launch_secret() -> bytes | None:
         return None
     if len(value) < MIN_SECRET_CHARS:
         raise ConfigError(f"{SECRET_VARIABLE} holds {len(value)} characters; use at least {MIN_SECRET_CHARS} random "
-                          f"ones on every node, e.g. {MAKE_SECRET}")
+                          f"ones, e.g. make one with {MAKE_SECRET} and export that same value on every node")
     return value.encode()
 
 

@@ -73,7 +73,6 @@ class Placement:
 
 
 Route = tuple[int, int]  # (source peer, destination peer)
-Inbox = tuple[int, list[int], torch.Tensor, list[torch.Tensor], bytes]  # process, sources, header, bodies, MAC context
 
 
 class Transport:
@@ -152,8 +151,8 @@ class Transport:
             raise PeerError(f"{step or 'exchange'}: could not post messages to {self._names(sorted(set(targets)))}; "
                             f"{failure_reason(exc)}") from None
         self._wait(works, targets, step)
-        for inbox in inboxes:
-            for src, piece in zip(inbox[1], self._unframe(inbox, tag, step)):
+        for process, sources, header, bodies, context in inboxes:
+            for src, piece in zip(sources, self._unframe(process, sources, header, bodies, context, tag, step)):
                 result[src] = piece
         return result
 
@@ -163,10 +162,10 @@ class Transport:
         self._frames[(sender, receiver)] = count + 1
         return frame_context(sender, receiver, *tag, count)
 
-    def _unframe(self, inbox: Inbox, tag: tuple[int, int], step: str) -> list[torch.Tensor]:
+    def _unframe(self, process: int, sources: list[int], header: torch.Tensor, bodies: list[torch.Tensor],
+                 context: bytes, tag: tuple[int, int], step: str) -> list[torch.Tensor]:
         """The payloads of a received message, each with the size its sender declared; with a launch
-        secret, only once its MAC has been checked."""
-        process, sources, header, bodies, context = inbox
+        secret, only once its MAC (over ``context`` and the frame) has been checked."""
         if self.key is not None and not is_sealed(self.key, [header, *bodies], context):
             raise PeerError(
                 f"{step or 'exchange'}: a frame from {self._names([process])} failed authentication: its MAC "
