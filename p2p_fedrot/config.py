@@ -82,7 +82,7 @@ class EvalConfig:
 
 
 BAD_PAYLOAD_POLICIES = ("fail", "drop")  # comm.on_bad_payload (comm/screening.py applies them)
-FAULT_KINDS = ("nan", "inf", "scale", "truncate")  # comm.inject_fault kinds (comm/faults.py makes them)
+FAULT_KINDS = ("nan", "inf", "scale", "truncate", "tamper")  # comm.inject_fault kinds (comm/faults.py makes them)
 
 
 @dataclass
@@ -92,7 +92,7 @@ class CommConfig:
     validate: bool = True  # screen received payloads: declared size, finite values, norm ratio
     max_norm_ratio: float = 100.0  # a payload's norm may be at most this times the receiver's own
     on_bad_payload: str = "fail"  # fail (stop, naming the sender) | drop (mix without it, renormalise)
-    inject_fault: dict | None = None  # drill: {peer: 3, round: 5, kind: nan | inf | scale | truncate}
+    inject_fault: dict | None = None  # drill: {peer: 3, round: 5, kind: nan | inf | scale | truncate | tamper}
 
 
 @dataclass

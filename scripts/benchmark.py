@@ -4,6 +4,7 @@
     python scripts/benchmark.py --only exchange --repeats 50
     python scripts/benchmark.py --only scale    # whole runs against the number of peers: about 15 minutes
     python scripts/benchmark.py --only prefix --repeats 5   # LoRA on the top blocks, with and without the cache
+    python scripts/benchmark.py --only secret --repeats 3   # toy runs on 2 processes without and with the secret
 
 - align:    one batched soft-Procrustes call over all modules vs one call per module;
 - exchange: one message per process pair (this project's transport) vs one message per peer-to-peer
@@ -20,6 +21,10 @@
 - prefix:   the packaged MiniLM hosting 16 peers on health tweets: one local step of every peer and
             one evaluation of every peer on the shared test set, with LoRA on all blocks, on the top
             2 blocks, and on the top 2 with the frozen-prefix cache (filled once beforehand, timed apart).
+- secret:   whole toy runs (configs/toy.yaml, 2 processes under torchrun, one thread each) without
+            and with P2P_FEDROT_SECRET, alternating: command time, run time and the time spent in the
+            exchange; how fast one frame MAC (HMAC-SHA256) reads a 1M-float payload; and the gossip
+            step of the exchange benchmark without and with frame MACs (ring and complete).
 
 Prints medians over ``--repeats`` and their ratios. Figures depend on the machine: compare ratios.
 """
@@ -31,6 +36,7 @@ import copy
 import gc
 import json
 import os
+import secrets
 import socket
 import statistics
 import subprocess
@@ -43,13 +49,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from p2p_fedrot.comm.auth import SECRET_VARIABLE, FrameKey
 from p2p_fedrot.methods.procrustes import align_modules, align_pair
 from p2p_fedrot.config import DataConfig, LoraSettings, ModelConfig, TrainConfig
 from p2p_fedrot.data.federated import build_data
 from p2p_fedrot.comm.routes import collect_mix_inputs, routes_of
 from p2p_fedrot.graph.weights import mixing_matrix
 from p2p_fedrot.peers.models import build_bank, load_tokenizer
-from p2p_fedrot.comm.runtime import init_runtime
+from p2p_fedrot.comm.runtime import Runtime, init_runtime
 from p2p_fedrot.peers.training import BankTrainer, evaluate, peers_per_forward
 from p2p_fedrot.graph.topologies import build_topology
 from p2p_fedrot.comm.transport import Placement, Transport
@@ -85,6 +92,20 @@ def bench_align(repeats: int) -> None:
               f" | per-module / batched {looped / batched:5.2f}x")
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _join(rank: int, world: int, port: int) -> Runtime:
+    """Join a Gloo group of ``world`` processes on loopback, one thread each."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    return init_runtime("gloo", timeout_s=120)
+
+
 def _naive_exchange(placement: Placement, routes: list[tuple[int, int]], payloads: dict[int, torch.Tensor]) -> int:
     """One isend/irecv per cross-process route, as if every peer were its own rank."""
     local = set(placement.local_peers)
@@ -101,10 +122,7 @@ def _naive_exchange(placement: Placement, routes: list[tuple[int, int]], payload
 
 
 def _exchange_worker(rank: int, world: int, port: int, topology: str, repeats: int, results: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    runtime = init_runtime("gloo", timeout_s=120)
+    runtime = _join(rank, world, port)
     placement = Placement(EXCHANGE_PEERS, world, rank)
     transport = Transport(placement, runtime.device, 120)
     W = mixing_matrix(build_topology(topology, EXCHANGE_PEERS, seed=0).graph_at(0))
@@ -133,9 +151,7 @@ def bench_exchange(repeats: int) -> None:
     print(f"exchange: {EXCHANGE_PEERS} peers on 2 Gloo processes, payload {EXCHANGE_NUMEL * 4:,} B per peer;"
           " one message per process pair vs one per route")
     for topology in ("ring", "torus", "exponential", "complete"):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = _free_port()
         with mp.Manager() as manager:
             results = manager.dict()
             mp.spawn(_exchange_worker, args=(2, port, topology, repeats, results), nprocs=2)
@@ -149,10 +165,7 @@ WIRE_NUMEL = 1_000_000
 
 
 def _wire_worker(rank: int, world: int, port: int, repeats: int, results: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    runtime = init_runtime("gloo", timeout_s=120)
+    runtime = _join(rank, world, port)
     transport = Transport(Placement(world, world, rank), runtime.device, 120)
     W = mixing_matrix(build_topology("ring", world, seed=0).graph_at(0))
     payloads = {rank: torch.randn(WIRE_NUMEL, generator=torch.Generator().manual_seed(rank))}
@@ -176,9 +189,7 @@ def _wire_worker(rank: int, world: int, port: int, repeats: int, results: dict) 
 def bench_wire(repeats: int) -> None:
     print(f"wire: one ring gossip step vs all_reduce of {WIRE_NUMEL:,} floats, one peer per Gloo process")
     for world in (4, 8):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = _free_port()
         with mp.Manager() as manager:
             results = manager.dict()
             mp.spawn(_wire_worker, args=(world, port, repeats, results), nprocs=world)
@@ -360,9 +371,74 @@ def bench_prefix(repeats: int) -> None:
               f" | {row['group']} peer(s) per forward")
 
 
+def _secret_run(folder: str, secret: str | None) -> dict:
+    """One toy run on 2 processes under torchrun, with ``secret`` as the launch secret or none: its
+    command time, the run's own time (start-up aside) and its time in the exchange."""
+    env = {key: value for key, value in os.environ.items() if key != SECRET_VARIABLE}
+    env.update({SECRET_VARIABLE: secret} if secret else {})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "p2p_fedrot", "run", SCALE_CONFIGS["toy"], "--overwrite", "--set", f"out={folder}", "--set", "threads=1"]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, env=env)
+    wall = time.perf_counter() - start
+    with open(os.path.join(folder, "metrics.jsonl")) as lines:
+        exchange = sum(json.loads(line)["seconds"]["exchange"] for line in lines)
+    with open(os.path.join(folder, "summary.json")) as summary:
+        return {"command_s": wall, "run_s": json.load(summary)["wall_time_s"], "exchange_s": exchange}
+
+
+def _sealed_worker(rank: int, world: int, port: int, topology: str, repeats: int, results: dict) -> None:
+    """One gossip step of the exchange benchmark's payloads, without and with frame MACs."""
+    runtime = _join(rank, world, port)
+    placement = Placement(EXCHANGE_PEERS, world, rank)
+    plain = Transport(placement, runtime.device, 120)
+    sealed = Transport(placement, runtime.device, 120, key=FrameKey(bytes(32)))  # the same key on both ends
+    W = mixing_matrix(build_topology(topology, EXCHANGE_PEERS, seed=0).graph_at(0))
+    payloads = {p: torch.randn(EXCHANGE_NUMEL) for p in placement.local_peers}
+
+    def step(transport: Transport) -> None:
+        dist.barrier()
+        collect_mix_inputs(transport, W, payloads)
+
+    times = (median_seconds(lambda: step(plain), repeats), median_seconds(lambda: step(sealed), repeats))
+    if rank == 0:
+        results[topology] = times
+    runtime.heartbeat.stop()
+    dist.destroy_process_group()
+
+
+def bench_secret(repeats: int) -> None:
+    print("secret: toy runs (20 rounds, 8 peers) on 2 Gloo processes under torchrun, without and with the "
+          "launch secret, alternating")
+    secret, runs = secrets.token_hex(32), {False: [], True: []}
+    with tempfile.TemporaryDirectory() as folder:
+        for _ in range(repeats):
+            for sealed in (False, True):
+                runs[sealed].append(_secret_run(folder, secret if sealed else None))
+    for sealed in (False, True):
+        medians = {key: statistics.median(run[key] for run in runs[sealed]) for key in runs[sealed][0]}
+        each = ", ".join(f"{run['command_s']:.2f}" for run in runs[sealed])
+        print(f"  {'with' if sealed else 'without':<8} command {medians['command_s']:6.2f} s | run "
+              f"{medians['run_s']:6.2f} s | exchange {medians['exchange_s']:6.3f} s "
+              f"(commands {each} s)")
+    payload = torch.randn(WIRE_NUMEL)
+    seconds = median_seconds(lambda: FrameKey(bytes(32)).mac(b"", [payload]), repeats)
+    print(f"  one frame MAC over {WIRE_NUMEL:,} floats: {seconds * 1e3:.2f} ms, "
+          f"{WIRE_NUMEL * 4 / seconds / 1e9:.2f} GB/s")
+    print(f"  one gossip step, {EXCHANGE_PEERS} peers on 2 Gloo processes, payload {EXCHANGE_NUMEL * 4:,} B per peer:")
+    for topology in ("ring", "complete"):
+        with mp.Manager() as manager:
+            results = manager.dict()
+            mp.spawn(_sealed_worker, args=(2, _free_port(), topology, max(repeats, 30), results), nprocs=2)
+            plain_s, sealed_s = results[topology]
+        print(f"    {topology:<9} without {plain_s * 1e3:6.2f} ms | with {sealed_s * 1e3:6.2f} ms | "
+              f"ratio {sealed_s / plain_s:5.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["align", "exchange", "wire", "memory", "scale", "prefix"], action="append",
+    parser.add_argument("--only", choices=["align", "exchange", "wire", "memory", "scale", "prefix", "secret"],
+                        action="append",
                         help="run only these benchmarks (repeatable)")
     parser.add_argument("--repeats", type=int, default=30, help="timed repetitions per measurement (median)")
     parser.add_argument("--peers", type=int, default=8, help="peers hosted in the memory benchmark")
@@ -386,6 +462,8 @@ def main() -> None:
         bench_scale(args.models, args.one_by_one_limit)
     if "prefix" in (args.only or []):
         bench_prefix(args.repeats)
+    if "secret" in (args.only or []):
+        bench_secret(args.repeats)
 
 
 if __name__ == "__main__":

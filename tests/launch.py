@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from safetensors.torch import load_file
@@ -25,12 +26,13 @@ TIMING_KEYS = ("time_s", "seconds")  # the only fields of metrics.jsonl allowed 
 SLOW_MONITOR = "--monitor-interval=2"
 
 
-def environment(hash_seed: int | str = "random") -> dict[str, str]:
-    """A clean child environment; each launch gets its own string-hash seed, as separate shells do."""
+def environment(hash_seed: int | str = "random", extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A clean child environment (no launch secret unless ``extra`` sets one); each launch gets its own
+    string-hash seed, as separate shells do."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": str(hash_seed)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "P2P_FEDROT_SECRET"):
         env.pop(key, None)
-    return env
+    return {**env, **(extra or {})}
 
 
 def command(args: list[str], nproc: int = 1, torchrun: list[str] | None = None) -> list[str]:
@@ -42,16 +44,17 @@ def command(args: list[str], nproc: int = 1, torchrun: list[str] | None = None) 
 
 
 def start(args: list[str], nproc: int = 1, torchrun: list[str] | None = None, hash_seed: int | str = "random",
-          log: Path | None = None) -> subprocess.Popen:
-    """Start a launch in its own process group (so that it can be killed whole) writing to ``log``."""
+          log: Path | None = None, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start a launch in its own process group (so that it can be killed whole) writing to ``log``;
+    ``env`` adds to its environment."""
     out = open(log, "w") if log else subprocess.DEVNULL
-    return subprocess.Popen(command(args, nproc, torchrun), cwd=ROOT, env=environment(hash_seed), stdout=out,
+    return subprocess.Popen(command(args, nproc, torchrun), cwd=ROOT, env=environment(hash_seed, env), stdout=out,
                             stderr=subprocess.STDOUT, start_new_session=True, text=True)
 
 
 def run(args: list[str], nproc: int = 1, timeout: float = 300, torchrun: list[str] | None = None,
-        hash_seed: int | str = "random") -> subprocess.CompletedProcess:
-    return subprocess.run(command(args, nproc, torchrun), cwd=ROOT, env=environment(hash_seed),
+        hash_seed: int | str = "random", env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(command(args, nproc, torchrun), cwd=ROOT, env=environment(hash_seed, env),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -59,21 +62,24 @@ def toy_args(out: Path, *overrides: str) -> list[str]:
     return ["run", TOY, "--set", f"out={out}", *[x for o in overrides for x in ("--set", o)]]
 
 
-def start_two_nodes(args: list[str] | list[list[str]], per_node: int, logs: list[Path]) -> list[subprocess.Popen]:
+def start_two_nodes(args: list[str] | list[list[str]], per_node: int, logs: list[Path],
+                    envs: list[Mapping[str, str]] | None = None) -> list[subprocess.Popen]:
     """The same command (or one per node) under two torchrun agents that meet at a c10d rendezvous
-    on loopback, as two machines would; each agent starts ``per_node`` workers."""
+    on loopback, as two machines would; each agent starts ``per_node`` workers, with ``envs[k]``
+    added to node k's environment."""
     endpoint = f"127.0.0.1:{free_port()}"
     launcher = ["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=p2p-test",
                 SLOW_MONITOR]
     per_agent = args if isinstance(args[0], list) else [args, args]
-    return [start(per_agent[k], per_node, launcher, log=logs[k]) for k in range(2)]
+    envs = envs or [{}, {}]
+    return [start(per_agent[k], per_node, launcher, log=logs[k], env=envs[k]) for k in range(2)]
 
 
 def two_nodes(args: list[str] | list[list[str]], tmp_path: Path, per_node: int = 2,
-              timeout: float = 300) -> list[tuple[int, str]]:
+              timeout: float = 300, envs: list[Mapping[str, str]] | None = None) -> list[tuple[int, str]]:
     """Run :func:`start_two_nodes` to the end; (exit code, output) of each agent."""
     logs = [tmp_path / f"node{k}.log" for k in range(2)]
-    agents = start_two_nodes(args, per_node, logs)
+    agents = start_two_nodes(args, per_node, logs, envs)
     return [(agent.wait(timeout=timeout), log.read_text()) for agent, log in zip(agents, logs)]
 
 

@@ -40,11 +40,13 @@ def keeps_own_value(W: sparse.csr_array, peer: int) -> bool:
 def collect_mix_inputs(transport: Transport, W: sparse.csr_array, payloads: Mapping[int, torch.Tensor],
                        step: str = "", numel_of: Callable[[int], int] | None = None, *,
                        outgoing: Mapping[int, torch.Tensor] | None = None, rules: PayloadRules = PayloadRules(),
-                       tag: tuple[int, int] = (0, 0)) -> tuple[dict[int, MixInputs], list[BadPayload]]:
+                       tag: tuple[int, int] = (0, 0),
+                       tampered: frozenset[int] = frozenset()) -> tuple[dict[int, MixInputs], list[BadPayload]]:
     """Exchange payloads along W's routes; for each hosted peer that mixes, its (W_ij, x_j) list.
 
     ``payloads`` are the hosted peers' own values; ``outgoing`` what they send (the same unless a
-    fault drill corrupts it). Each received payload is screened; a bad one raises a PeerError
+    fault drill corrupts it); ``tampered`` the peers whose frames the drill alters on the wire
+    (Transport.exchange). Each received payload is screened; a bad one raises a PeerError
     naming its sender, or with ``on_bad_payload: drop`` is left out and the rest of the row is
     renormalised (the drops are returned). Each list is ordered by j (the peer itself included),
     so summing it gives bit-identical results however peers are spread over processes.
@@ -56,7 +58,7 @@ def collect_mix_inputs(transport: Transport, W: sparse.csr_array, payloads: Mapp
         def numel_of(src: int) -> int:
             return common
 
-    received = transport.exchange(outgoing, routes_of(W), step=step, numel_of=numel_of, tag=tag)
+    received = transport.exchange(outgoing, routes_of(W), step=step, numel_of=numel_of, tag=tag, tampered=tampered)
     screen = PayloadScreen(rules, received, payloads, numel_of)
     inputs, dropped = {}, []
     for i in payloads:

@@ -12,14 +12,17 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
 
 from ..config import differing, first_few
 from ..errors import ConfigError, PeerError
+
+if TYPE_CHECKING:
+    from .auth import FrameKey
 
 BOOTSTRAP_KEY = "p2p_fedrot/store"  # where process 0 publishes the address of this attempt's store
 PROBE_TIMEOUT_S = 3.0  # how long to try one published store address before reading it again
@@ -80,6 +83,7 @@ class Runtime:
     device: torch.device
     backend: str | None  # None when running as a single process without a process group
     heartbeat: Heartbeat | None = None
+    frame_key: FrameKey | None = field(default=None, repr=False)  # set by auth.authenticate with a launch secret
 
     @property
     def distributed(self) -> bool:

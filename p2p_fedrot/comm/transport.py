@@ -12,6 +12,10 @@ The header holds magic, round, step and the size of every payload in the message
 payload has the length the receiver expects (a short payload is padded): the receiver reads the
 sizes the sender declared instead of trusting the buffer (Gloo would accept a shorter message into
 a longer buffer without a word, and NCCL needs equal lengths on both ends).
+
+With a launch secret (auth.py) the header ends with an HMAC-SHA256 of its fields and of every
+payload as it travels, bound to the direction, round, step and count of the frame; the receiver
+checks it before it reads anything else. Without one, frames carry no MAC and are as before.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError, PeerError
+from .auth import MAC_BYTES, FrameKey, frame_context, wire_bytes
+from .faults import altered_on_the_wire
 from .runtime import failure_reason
 
 HEADER_MAGIC = 0x50325046  # "P2PF"
@@ -73,15 +79,18 @@ class Transport:
     """Delivers per-peer payloads along directed routes, with framed messages and deadlines."""
 
     def __init__(self, placement: Placement, device: torch.device, timeout_s: float,
-                 wire_device: torch.device | None = None) -> None:
+                 wire_device: torch.device | None = None, key: FrameKey | None = None) -> None:
         self.placement = placement
         self.device = device  # where payloads come from and received ones are delivered
         self.wire_device = device if wire_device is None else wire_device  # where messages travel from
         self.timeout_s = timeout_s
         self.wire_bytes = 0  # bytes this process actually sent to other processes
+        self.key = key  # with a launch secret: every frame carries a MAC under this launch's key
+        self._frames: dict[tuple[int, int], int] = {}  # frames so far per (sender, receiver) process: in each MAC
 
     def exchange(self, payloads: Mapping[int, torch.Tensor], routes: Iterable[Route], numel_of: Callable[[int], int],
-                 step: str = "", tag: tuple[int, int] = (0, 0)) -> dict[int, torch.Tensor]:
+                 step: str = "", tag: tuple[int, int] = (0, 0),
+                 tampered: frozenset[int] = frozenset()) -> dict[int, torch.Tensor]:
         """Deliver ``payloads[src]`` of every local source to the destinations named in ``routes``.
 
         ``payloads`` holds one 1-D tensor per local peer. ``numel_of(src)`` is the size of the
@@ -90,7 +99,8 @@ class Transport:
         route into a local peer, the payload as seen here: the same tensor for local sources, a
         view into the received message for remote ones, with the size its sender declared (which
         the caller checks). ``tag`` is (round, step): a message of another round is an error.
-        ``step`` labels errors.
+        ``step`` labels errors. The payloads of the sources in ``tampered`` are altered after their
+        frame's MAC is computed, as on the wire (the tamper drill).
         """
         local = set(self.placement.local_peers)
         result: dict[int, torch.Tensor] = {}
@@ -107,6 +117,7 @@ class Transport:
         if not send_to and not recv_from:
             return result
         dtype = next(iter(payloads.values())).dtype
+        sealed = self.key is not None
         ops, targets, inboxes = [], [], []
         for process in sorted(set(send_to) | set(recv_from)):
             if process in send_to:
@@ -114,36 +125,53 @@ class Transport:
                 # the header, then each payload as it is (no copy into one buffer); a short payload
                 # (the truncate drill) is padded to the length its receiver posted: NCCL needs equal
                 # counts on both ends, and the header keeps the true sizes
-                pieces = [frame_header(tag, [payloads[s].numel() for s in sources], dtype),
+                pieces = [frame_header(tag, [payloads[s].numel() for s in sources], dtype, sealed),
                           *(padded(payloads[s], numel_of(s)) for s in sources)]
+                pieces = [piece.to(self.wire_device).contiguous() for piece in pieces]
+                if sealed:
+                    seal(self.key, pieces, self._context(self.placement.rank, process, tag))
+                pieces[1:] = [altered_on_the_wire(piece) if src in tampered else piece
+                              for src, piece in zip(sources, pieces[1:])]
                 for piece in pieces:
-                    piece = piece.to(self.wire_device).contiguous()
                     ops.append(dist.P2POp(dist.isend, piece, process))
                     targets.append(process)
                     self.wire_bytes += piece.numel() * piece.element_size()
             if process in recv_from:
                 sources = sorted(recv_from[process])
-                header = torch.empty(header_numel(len(sources), dtype), dtype=dtype, device=self.wire_device)
+                header = torch.empty(header_numel(len(sources), dtype, sealed), dtype=dtype, device=self.wire_device)
                 bodies = [torch.empty(numel_of(s), dtype=dtype, device=self.wire_device) for s in sources]
                 for piece in (header, *bodies):
                     ops.append(dist.P2POp(dist.irecv, piece, process))
                     targets.append(process)
-                inboxes.append((process, sources, header, bodies))
+                context = self._context(process, self.placement.rank, tag) if sealed else b""
+                inboxes.append((process, sources, header, bodies, context))
         try:
             works = dist.batch_isend_irecv(ops)
         except RuntimeError as exc:  # posting fails at once when a neighbour's connection is already closed
             raise PeerError(f"{step or 'exchange'}: could not post messages to {self._names(sorted(set(targets)))}; "
                             f"{failure_reason(exc)}") from None
         self._wait(works, targets, step)
-        for process, sources, header, bodies in inboxes:
-            for src, piece in zip(sources, self._unframe(process, sources, header, bodies, tag, step)):
+        for process, sources, header, bodies, context in inboxes:
+            for src, piece in zip(sources, self._unframe(process, sources, header, bodies, context, tag, step)):
                 result[src] = piece
         return result
 
+    def _context(self, sender: int, receiver: int, tag: tuple[int, int]) -> bytes:
+        """The MAC context of the next frame from ``sender`` to ``receiver`` (both ends count alike)."""
+        count = self._frames.get((sender, receiver), 0)
+        self._frames[(sender, receiver)] = count + 1
+        return frame_context(sender, receiver, *tag, count)
+
     def _unframe(self, process: int, sources: list[int], header: torch.Tensor, bodies: list[torch.Tensor],
-                 tag: tuple[int, int], step: str) -> list[torch.Tensor]:
-        """The payloads of a received message, each with the size its sender declared."""
-        magic, round, mixing_step, count, *sizes = header.view(torch.int64).tolist()
+                 context: bytes, tag: tuple[int, int], step: str) -> list[torch.Tensor]:
+        """The payloads of a received message, each with the size its sender declared; with a launch
+        secret, only once its MAC (over ``context`` and the frame) has been checked."""
+        if self.key is not None and not is_sealed(self.key, [header, *bodies], context):
+            raise PeerError(
+                f"{step or 'exchange'}: a frame from {self._names([process])} failed authentication: its MAC "
+                "does not match its header and payloads under this launch's key (altered on the wire, forged "
+                "or replayed); nothing in it was used. Check what can reach the connections between nodes")
+        magic, round, mixing_step, count, *sizes = header.view(torch.int64)[: 4 + len(sources)].tolist()
         problem = ""
         if magic != HEADER_MAGIC or count != len(sources):
             problem = "a message that is not a p2p_fedrot frame (another program on this port, or a corrupted stream)"
@@ -175,9 +203,10 @@ class Transport:
         return ", ".join(self.placement.process_name(p) for p in processes)
 
 
-def header_numel(sources: int, dtype: torch.dtype) -> int:
-    """Elements of ``dtype`` that hold a frame header for a message with ``sources`` payloads."""
-    return (4 + sources) * 8 // torch.empty(0, dtype=dtype).element_size()
+def header_numel(sources: int, dtype: torch.dtype, sealed: bool = False) -> int:
+    """Elements of ``dtype`` that hold a frame header for a message with ``sources`` payloads (and
+    a MAC when ``sealed``)."""
+    return ((4 + sources) * 8 + (MAC_BYTES if sealed else 0)) // torch.empty(0, dtype=dtype).element_size()
 
 
 def padded(payload: torch.Tensor, numel: int) -> torch.Tensor:
@@ -187,7 +216,23 @@ def padded(payload: torch.Tensor, numel: int) -> torch.Tensor:
     return torch.cat([payload, payload.new_zeros(numel - payload.numel())])
 
 
-def frame_header(tag: tuple[int, int], sizes: list[int], dtype: torch.dtype) -> torch.Tensor:
-    """(magic, round, step, count, size...) as int64, reinterpreted as ``dtype`` to travel with the payloads."""
-    fields = torch.tensor([HEADER_MAGIC, *tag, len(sizes), *sizes], dtype=torch.int64)
+def frame_header(tag: tuple[int, int], sizes: list[int], dtype: torch.dtype, sealed: bool = False) -> torch.Tensor:
+    """(magic, round, step, count, size...) as int64, reinterpreted as ``dtype`` to travel with the
+    payloads; when ``sealed``, followed by room for the MAC (zeros until :func:`seal`)."""
+    mac_room = [0] * (MAC_BYTES // 8) if sealed else []
+    fields = torch.tensor([HEADER_MAGIC, *tag, len(sizes), *sizes, *mac_room], dtype=torch.int64)
     return fields.view(dtype)
+
+
+def seal(key: FrameKey, pieces: list[torch.Tensor], context: bytes) -> None:
+    """Write a frame's MAC into the last bytes of its header (``pieces[0]``, made with room for it):
+    over the header's fields and every payload, as they travel."""
+    header = pieces[0].view(torch.uint8)
+    mac = key.mac(context, [header[:-MAC_BYTES], *pieces[1:]])
+    header[-MAC_BYTES:] = torch.frombuffer(bytearray(mac), dtype=torch.uint8).to(header.device)
+
+
+def is_sealed(key: FrameKey, pieces: list[torch.Tensor], context: bytes) -> bool:
+    """True when a received frame (header, then payloads) carries the MAC of its bytes and ``context``."""
+    header = pieces[0].view(torch.uint8)
+    return key.verifies(bytes(wire_bytes(header[-MAC_BYTES:])), context, [header[:-MAC_BYTES], *pieces[1:]])

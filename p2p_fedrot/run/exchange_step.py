@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from scipy import sparse
 
-from ..comm.faults import corrupted
+from ..comm.faults import TAMPER, corrupted
 from ..comm.routes import collect_mix_inputs, routes_of, row_entries
 from ..comm.screening import BadPayload, PayloadRules
 from ..comm.transport import Transport
@@ -121,10 +121,11 @@ class Mixer:
         mixing row receives is screened."""
         round, k = step.round, step.k
         payloads = {p: self.method.pack(s, round, k, self.layout.extract(s.flat, step.parts)) for p, s in states.items()}
+        outgoing, tampered = self.drill(payloads, round)
         inputs, dropped = collect_mix_inputs(
             self.transport, step.W, payloads, step=f"round {round} step {k}",
             numel_of=lambda src: self.method.payload_numel(round, k, src),
-            outgoing=self.drill(payloads, round), rules=self.rules, tag=(round, k))
+            outgoing=outgoing, rules=self.rules, tag=(round, k), tampered=tampered)
         return Arrived(step, inputs, dropped)
 
     def keep_sent(self, arrived: Arrived, states: dict[int, PeerState]) -> SentCopy:
@@ -184,13 +185,16 @@ class Mixer:
         """What travels this round: nothing during the warm-up, then what the method sends."""
         return frozenset() if round < self.warmup_rounds else self.method.sent_parts(round)
 
-    def drill(self, payloads: dict[int, torch.Tensor], round: int) -> dict[int, torch.Tensor]:
-        """What the hosted peers send: their payloads, one corrupted if ``comm.inject_fault`` says so."""
+    def drill(self, payloads: dict[int, torch.Tensor], round: int) -> tuple[dict[int, torch.Tensor], frozenset[int]]:
+        """What the hosted peers send, one payload corrupted if ``comm.inject_fault`` says so, and whose
+        frames the transport alters on the wire (the tamper kind)."""
         fault = self.comm.inject_fault
         if not fault or fault["round"] != round or fault["peer"] not in payloads:
-            return payloads
+            return payloads, frozenset()
+        if fault["kind"] == TAMPER:
+            return payloads, frozenset({fault["peer"]})
         bad = corrupted(payloads[fault["peer"]], fault["kind"], self.comm.max_norm_ratio)
-        return {**payloads, fault["peer"]: bad}
+        return {**payloads, fault["peer"]: bad}, frozenset()
 
     def round_bytes(self, round: int, element_size: int) -> int:
         """Bytes all peers send in a round: one payload per directed route of every mixing step."""

@@ -20,7 +20,9 @@ import torch
 import torch.distributed as dist
 
 from .. import methods
+from ..comm.auth import authenticate
 from ..comm.collectives import ProcessGroup
+from ..comm.faults import TAMPER
 from ..comm.runtime import Runtime, agree, init_runtime, launch_id, plain_process_name, usable_cores
 from ..comm.transport import Placement, Transport
 from ..config import RunConfig, dotted
@@ -61,11 +63,22 @@ def run_in(runtime: Runtime, config: RunConfig) -> dict:
     """Run one experiment on a launch whose process group is already formed: a launch that runs
     several experiments in turn (the run matrix) joins the group once."""
     torch.set_num_threads(config.threads or max(1, usable_cores() // runtime.local_world))
-    # before any work: a process launched with other settings must stop everyone at once
+    # before any work: a process without the launch secret, or launched with other settings, must
+    # stop everyone at once; the secret first, so that nothing is unpickled from an outsider
     name = Placement(config.peers, runtime.world, runtime.rank).process_name \
         if config.peers % runtime.world == 0 else plain_process_name
+    runtime = authenticate(runtime, config.comm.timeout_s, name)
     agree(runtime, startup_header(config), "the configuration and package versions", config.comm.timeout_s, name)
+    check_drill(config, runtime)
     return Experiment(config, runtime).run()
+
+
+def check_drill(config: RunConfig, runtime: Runtime) -> None:
+    """The tamper drill alters frames between processes: with one process it would never fire."""
+    fault = config.comm.inject_fault
+    if fault and fault["kind"] == TAMPER and not runtime.distributed:
+        raise ConfigError("comm.inject_fault kind tamper alters frames between processes, and a single process sends "
+                          "none: launch two or more (torchrun --nproc_per_node=2)")
 
 
 def startup_header(config: RunConfig) -> dict[str, str]:
@@ -109,8 +122,10 @@ class Experiment:
                               "participation: 1")
         self.per_forward = peers_per_forward(config.train.batch_peers, self.bank, self.data.test, config.train.batch_size)
         self.hosted = HostedPeers(config, self.bank, self.method, self.data, self.clients, self.per_forward)
-        transport = Transport(self.placement, runtime.device, config.comm.timeout_s, runtime.wire_device)
-        probe = Transport(self.placement, runtime.device, config.comm.timeout_s, runtime.wire_device)
+        transport = Transport(self.placement, runtime.device, config.comm.timeout_s, runtime.wire_device,
+                              runtime.frame_key)
+        probe = Transport(self.placement, runtime.device, config.comm.timeout_s, runtime.wire_device,
+                          runtime.frame_key)
         self.mixer = Mixer(self.method, self.schedule, self.layout, transport, probe, config.comm,
                            config.train.warmup_rounds)
         self.out = Path(config.out)
