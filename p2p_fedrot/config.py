@@ -95,6 +95,42 @@ class CommConfig:
     inject_fault: dict | None = None  # drill: {peer: 3, round: 5, kind: nan | inf | scale | truncate | tamper}
 
 
+# adversary.attack -> the default of adversary.strength (None: the attack takes none). robust/attacks.py
+# computes the messages, run/adversary.py applies them; label_flip poisons the data instead.
+ATTACK_STRENGTHS: dict[str, float | None] = {
+    "none": None,  # the adversary's peers send honestly (they are still left out of the honest metrics)
+    "sign_flip": None,  # -x
+    "scaled": 10.0,  # strength * x
+    "gaussian": 1.0,  # x + N(0, strength^2) noise
+    "alie": 10.0,  # z: the honest messages' mean - z * their std (ALIE10 of the ClippedGossip experiments)
+    "ipm": 0.1,  # eps: -eps * the honest messages' mean
+    "dissensus": 1.5,  # eps: x_i - eps * the pull of i's honest neighbours / the weight of its Byzantine ones
+    "gauge_scale": 5.0,  # c: (c A, B / c), the same products
+    "label_flip": None,  # trains on label C - 1 - y
+}
+
+
+@dataclass
+class AdversaryConfig:
+    peers: list[int] = field(default_factory=list)  # the Byzantine clients, left out of every honest metric
+    attack: str = "none"  # one of ATTACK_STRENGTHS
+    strength: float | None = None  # None: the attack's default (ATTACK_STRENGTHS)
+
+    def __post_init__(self) -> None:
+        if self.strength is None:  # the resolved config records the strength the run used
+            self.strength = ATTACK_STRENGTHS.get(self.attack)
+
+
+@dataclass
+class RobustConfig:
+    """The robust mixing rule (robust/rules.py checks the settings against the rule)."""
+
+    rule: str = "none"  # none (the method's own mixing) | plain | clip | cs_plus | trimmed_mean | median
+    gauge: bool = True  # rules read gauge-fixed factors (balanced, aligned to the receiver)
+    tau: Union[float, str] = "auto"  # clip: auto (ClippedGossip's adaptive radius) or a radius (.inf: none)
+    b: int = 1  # cs_plus, trimmed_mean: the Byzantine neighbours each receiver assumes
+
+
 @dataclass
 class LogConfig:
     tensorboard: bool = False  # also write each metrics record as TensorBoard scalars in out/tensorboard
@@ -121,6 +157,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -226,15 +264,20 @@ def _float_from_text(value: str, where: str, key: str) -> float:
         raise ConfigError(f"{where}: '{key}' = {value!r} must be a number") from None
 
 
+UNBOUNDED = ("robust.tau",)  # float settings where .inf means "no bound"
+
+
 def _finite_floats(config: Any, prefix: str = "") -> list[tuple[bool, str]]:
-    """Every float setting must be finite: inf or nan would only surface as a failure deep in a run."""
+    """Every float setting must be finite (but those in UNBOUNDED, which may be +inf): inf or nan would
+    only surface as a failure deep in a run."""
     checks = []
     for setting in dataclasses.fields(config):
-        value = getattr(config, setting.name)
+        value, key = getattr(config, setting.name), prefix + setting.name
         if dataclasses.is_dataclass(value):
-            checks += _finite_floats(value, f"{prefix}{setting.name}.")
+            checks += _finite_floats(value, f"{key}.")
         elif isinstance(value, float):
-            checks.append((math.isfinite(value), f"{prefix}{setting.name} = {value} must be a finite number"))
+            ok = math.isfinite(value) or (key in UNBOUNDED and value == math.inf)
+            checks.append((ok, f"{key} = {value} must be a finite number"))
     return checks
 
 
@@ -279,6 +322,7 @@ def validate(config: RunConfig) -> None:
         (not (config.overwrite and config.resume is True), "resume: true (--resume) and overwrite: true (--overwrite) "
                                                            "contradict each other; give one of them"),
         *_fault_checks(config),
+        *_adversary_checks(config),
         (config.data.partition in ("iid", "dirichlet", "shards"), "data.partition must be iid, dirichlet or shards"),
         (config.data.alpha > 0, "data.alpha (Dirichlet concentration) must be positive"),
         (0.0 <= config.data.local_test_fraction < 1.0, "data.local_test_fraction must be in [0, 1)"),
@@ -333,6 +377,28 @@ def _fault_checks(config: RunConfig) -> list[tuple[bool, str]]:
     ]
 
 
+def _adversary_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    """The adversary's peers and attack; what depends on the method and graph is checked when the run
+    is built (run/adversary.py)."""
+    adversary = config.adversary
+    attack, peers, strength = adversary.attack, adversary.peers, adversary.strength
+    if attack not in ATTACK_STRENGTHS:
+        return [(False, f"adversary.attack = {attack!r} must be one of {', '.join(ATTACK_STRENGTHS)}")]
+    takes_strength = ATTACK_STRENGTHS[attack] is not None
+    return [
+        (all(type(p) is int and 0 <= p < config.peers for p in peers) and len(set(peers)) == len(peers),
+         f"adversary.peers = {peers!r} must list distinct peers in 0..{config.peers - 1}"),
+        (len(peers) < config.peers, "adversary.peers must leave at least one honest peer"),
+        (attack == "none" or bool(peers), f"adversary.attack = {attack} needs adversary.peers, the Byzantine "
+                                          "clients (e.g. [3])"),
+        (takes_strength or strength is None, f"adversary.strength = {strength!r}: attack {attack} takes none; "
+                                             "leave it out"),
+        (attack != "gaussian" or strength is None or strength > 0,
+         "adversary.strength (the gaussian attack's standard deviation) must be positive"),
+        (attack != "gauge_scale" or strength != 0, "adversary.strength (the gauge_scale attack's c) must be nonzero"),
+    ]
+
+
 def _pairing_checks(config: RunConfig) -> list[tuple[bool, str]]:
     """Synthetic feature vectors only fit the toy MLP, and text only fits a transformer."""
     synthetic, toy = config.data.name == "synthetic", config.model.name == "toy:mlp"
@@ -348,6 +414,12 @@ def _pairing_checks(config: RunConfig) -> list[tuple[bool, str]]:
         (config.data.features >= 1, "data.features must be >= 1"),
         (config.data.class_separation > 0, "data.class_separation must be positive (0 makes the classes identical)"),
     ]
+
+
+def with_defaults(config: typing.Mapping[str, Any]) -> dict[str, Any]:
+    """A run's config as read back, every top-level setting it lacks at its default: a run written
+    before a setting existed ran as its default says (so it still resumes and groups with new runs)."""
+    return {**RunConfig().to_dict(), **config}
 
 
 def dotted(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

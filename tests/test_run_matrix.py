@@ -28,11 +28,21 @@ COMMON = ("peers=4", "rounds=3", "eval.every=1", "threads=1", "train.batch_peers
 TIME_VARYING = ("topology=one_peer_exponential", "participation=0.6")
 # peer 2 (on the second process) sends a non-finite payload in round 1; its receivers mix without it
 DRILL = ("comm.on_bad_payload=drop", "comm.inject_fault={peer: 2, round: 1, kind: nan}")
+# every robust rule against an attack by peer 1, whose neighbours sit on both processes; every attack
+# appears at least once
+ROBUST_CELLS = {
+    "fedit": {"plain": "gauge_scale", "clip": "alie", "cs_plus": "dissensus", "trimmed_mean": "gaussian",
+              "median": "ipm"},
+    "fedrot": {"plain": "sign_flip", "clip": "scaled", "cs_plus": "label_flip", "trimmed_mean": "dissensus",
+               "median": "gaussian"},
+}
 
 
 def matrix() -> dict[str, tuple[str, ...]]:
     """Cell name -> overrides: every method on the server star, every gossip method on the ring, on a
-    directed time-varying graph with partial participation, and on the ring with a dropped fault."""
+    directed time-varying graph with partial participation, and on the ring with a dropped fault; and
+    every robust rule under attack (trimmed_mean on the complete graph: on the ring's two neighbours
+    it would trim them both and keep the receiver's own)."""
     cells = {}
     for method in available_methods():
         cells[f"{method}-server"] = (f"method={method}", "topology=server")
@@ -40,6 +50,11 @@ def matrix() -> dict[str, tuple[str, ...]]:
             cells[f"{method}-ring"] = (f"method={method}", "topology=ring")
             cells[f"{method}-time-varying"] = (f"method={method}", *TIME_VARYING)
             cells[f"{method}-ring-drop"] = (f"method={method}", "topology=ring", *DRILL)
+    for method, rules in ROBUST_CELLS.items():
+        for rule, attack in rules.items():
+            graph = "complete" if rule == "trimmed_mean" else "ring"
+            cells[f"{method}-{rule}-{attack}"] = (f"method={method}", f"topology={graph}", f"robust.rule={rule}",
+                                                  "adversary.peers=[1]", f"adversary.attack={attack}")
     return cells
 
 

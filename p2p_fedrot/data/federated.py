@@ -66,6 +66,11 @@ def pool(datasets: Sequence[Dataset]) -> Dataset:
                    ids, corpus if ids is not None else None)
 
 
+def flip_labels(dataset: Dataset, num_classes: int) -> Dataset:
+    """The same examples labelled C - 1 - y: the label-flipping attack's training data."""
+    return Dataset(dataset.inputs, num_classes - 1 - dataset.labels, dataset.ids, dataset.corpus)
+
+
 def joined(batches: Sequence[Dataset]) -> Dataset:
     """Batches side by side, padded to the longest example among them (not to ``model.max_length``):
     the attention mask hides padding, so only float rounding depends on it. Only trailing columns

@@ -14,6 +14,8 @@ from .rolora import scheduled_factor
 @register
 class ADF(Method):
     name = "adf"
+    sends_whole_buffers = True
+    averages_buffers = True
     params = {"switch_every": 2}
 
     def __init__(self, args: dict, context: MethodContext) -> None:

@@ -121,6 +121,11 @@ class Method:
     # trains a full-shape delta of every adapted weight (the "delta" part) instead of LoRA factors
     dense_deltas: ClassVar[bool] = False
     galore: GaLoreSettings | None = None  # the projected optimizer of the dense deltas, for methods that train them
+    # every message a client sends is its whole buffer as it holds it (what an attack forges in its place)
+    sends_whole_buffers: ClassVar[bool] = False
+    # combine_row is a weighted average of whole buffers (after rotations, which gauge fixing takes over):
+    # a robust rule (robust/rules.py) may mix in its place
+    averages_buffers: ClassVar[bool] = False
 
     def __init__(self, args: dict[str, Any], context: MethodContext) -> None:
         unknown = sorted(set(args) - set(self.params))

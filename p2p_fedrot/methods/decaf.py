@@ -68,6 +68,7 @@ def mix_products(layout: FactorLayout, inputs: Sequence[tuple[float, torch.Tenso
 @register
 class DeCAF(Method):
     name = "decaf"
+    sends_whole_buffers = True
     resets_optimizer = True
 
     def combine(self, peer: PeerState, round: int, inputs: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:

@@ -32,6 +32,7 @@ HUB = 0
 @register
 class FedEx(Method):
     name = "fedex"
+    sends_whole_buffers = True
     server_only = True
     changes_base_weights = True
 

@@ -12,3 +12,5 @@ from .base import Method, register
 @register
 class FedIT(Method):
     name = "fedit"
+    sends_whole_buffers = True
+    averages_buffers = True

@@ -51,6 +51,8 @@ Inputs = list[tuple[float, torch.Tensor]]
 @register
 class FedRot(Method):
     name = "fedrot"
+    sends_whole_buffers = True
+    averages_buffers = True
     params = {"lam": "auto", "side": "auto", "reference": "auto", "iters": 2}
 
     def __init__(self, args: dict, context: MethodContext) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from ..config import differing, dotted, first_few
+from ..config import differing, dotted, first_few, with_defaults
 from ..errors import ConfigError
 from ..io import atomic_write_bytes, atomic_write_json, read_json
 
@@ -54,7 +54,7 @@ def save_shared(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
     """The config as dotted keys (``train.lr``), without the keys a resumed run may change."""
-    return {key: value for key, value in dotted(config).items()
+    return {key: value for key, value in dotted(with_defaults(config)).items()
             if not any(key == free or key.startswith(free + ".") for free in FREE_KEYS)}
 
 

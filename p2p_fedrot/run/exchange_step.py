@@ -1,6 +1,9 @@
 """A round's communication, one mixing step at a time: exchange the payloads, combine each hosted
 mixing row, and on evaluated rounds measure, where the data already is, how far each mixing peer's
 new adapter is from the exact W-weighted mix of the adapters its neighbourhood sent.
+
+With an adversary, honest rows read its peers' messages forged (run/adversary.py) and only honest
+rows are measured; with a robust rule, the rule mixes every row that reads the receiver's own payload.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from ..comm.transport import Transport
 from ..config import CommConfig
 from ..exact import MixInputs
 from ..graph.schedule import MixingSchedule
-from ..methods.base import ALL_PARTS, Method, PeerState, RotationLog
+from ..methods.base import ALL_PARTS, Combined, Method, PeerState, RotationLog
 from ..peers.factors import FactorLayout
+from ..robust.rules import Rule
+from .adversary import Adversary
 from .metrics import aggregation_errors, rotational_disagreement
 
 SentBuffers = dict[int, list[tuple[int, float, torch.Tensor]]]  # per measured row: (j, W_ij, buffer of j as sent)
@@ -102,9 +107,11 @@ class Mixer:
     """Runs the method's pack / exchange / combine along the schedule's mixing steps."""
 
     def __init__(self, method: Method, schedule: MixingSchedule, layout: FactorLayout, transport: Transport,
-                 probe: Transport, comm: CommConfig, warmup_rounds: int = 0) -> None:
+                 probe: Transport, comm: CommConfig, warmup_rounds: int = 0, adversary: Adversary | None = None,
+                 rule: Rule | None = None) -> None:
         self.method, self.schedule, self.layout, self.comm = method, schedule, layout, comm
         self.warmup_rounds = warmup_rounds  # rounds of local training only, before the first exchange
+        self.adversary, self.rule = adversary, rule
         self.transport = transport
         self.probe = probe  # carries whole buffers for the error metric when payloads are partial (not counted)
         self.rules = PayloadRules(comm.validate, comm.max_norm_ratio, comm.on_bad_payload)
@@ -126,11 +133,17 @@ class Mixer:
             self.transport, step.W, payloads, step=f"round {round} step {k}",
             numel_of=lambda src: self.method.payload_numel(round, k, src),
             outgoing=outgoing, rules=self.rules, tag=(round, k), tampered=tampered)
+        if self.adversary is not None:
+            refused = {(bad.sender, bad.receiver) for bad in dropped}
+            inputs = {i: self.adversary.received(round, k, i, row_senders(step.W, i, refused), row)
+                      for i, row in inputs.items()}
         return Arrived(step, inputs, dropped)
 
     def keep_sent(self, arrived: Arrived, states: dict[int, PeerState]) -> SentCopy:
         """Copies of what the error metric needs, taken before :meth:`combine` overwrites the buffers."""
         sent = self.sent_buffers(arrived, states)
+        if self.adversary is not None:  # honest metrics: the adversary's own rows are not measured
+            sent = {i: row for i, row in sent.items() if self.adversary.honest(i)}
         return SentCopy(sent, {i: states[i].flat.clone() for i in sent})
 
     def combine(self, arrived: Arrived, states: dict[int, PeerState]) -> MixOutcome:
@@ -139,7 +152,7 @@ class Mixer:
         step, refused = arrived.step, arrived.refused
         outcome = MixOutcome(dropped=[bad.as_record(step.round) for bad in arrived.dropped])
         # every row's inputs are read before any row is written: local inputs are views of buffers
-        updates = {i: self.method.combine_row(states[i], step.round, inputs, own_input(step.W, i, refused))
+        updates = {i: self.combine_row(states[i], step.round, inputs, own_input(step.W, i, refused))
                    for i, inputs in arrived.inputs.items()}
         for i, combined in updates.items():
             self.layout.insert(states[i].flat, step.parts, combined.value)
@@ -147,6 +160,13 @@ class Mixer:
                 outcome.rotated.append((i, combined.rotations))
             outcome.rotations = outcome.rotations + combined.log
         return outcome
+
+    def combine_row(self, state: PeerState, round: int, inputs: MixInputs, own: int | None) -> Combined:
+        """The method's combine, or the robust rule in its place where the row reads the receiver's own
+        payload; the rule's result keeps the receiver's gauge, so no rotation follows it."""
+        if self.rule is None or own is None:
+            return self.method.combine_row(state, round, inputs, own)
+        return Combined(self.rule(inputs, own, self.layout))
 
     def measure(self, kept: SentCopy, states: dict[int, PeerState]) -> MixOutcome:
         """Aggregation error of each row, and the rotational part of the disagreement on each edge

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 import torch
@@ -132,9 +132,10 @@ class HostedPeers:
     def save_adapters(self, folder: Path, labels: Sequence[str] = ()) -> None:
         save_peer_adapters(self.bank, self.clients, folder, labels)
 
-    def client_rows(self) -> torch.Tensor:
-        """The hosted clients' buffers as rows (clients x numel)."""
-        return self.bank.rows(self.clients) if self.clients else self.bank.flats[:0]
+    def client_rows(self, among: Collection[int] | None = None) -> torch.Tensor:
+        """The hosted clients' buffers as rows (clients x numel): all of them, or those ``among`` some peers."""
+        clients = self.clients if among is None else [p for p in self.clients if p in among]
+        return self.bank.rows(clients) if clients else self.bank.flats[:0]
 
 
 def identical_rows(bank: PeerBank, peers: list[int]) -> list[list[int]]:

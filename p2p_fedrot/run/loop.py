@@ -37,11 +37,13 @@ from ..peers.models import CAUSAL_LM, build_bank, load_tokenizer, task_of
 from ..peers.training import peers_per_forward
 from ..provenance import code_version
 from . import checkpoint, outputs
+from .adversary import Adversary, check_adversary, poison
 from .diagnostics import round_metrics
 from .exchange_step import Mixer, MixOutcome
 from .hosting import HostedPeers
 from .outputs import StartPlan
 from .records import RoundClock, print_progress, round_float, round_record
+from .robust_mixing import robust_rule, rule_record
 
 PER_PROCESS_KEYS = ("out", "threads", "comm.timeout_s")  # settings that may differ between a launch's processes
 VERSIONED = ("torch", "transformers", "peft", "p2p_fedrot")  # packages whose versions every process must share
@@ -105,13 +107,20 @@ class Experiment:
         self.group = ProcessGroup(runtime, config.comm.timeout_s, self.placement.process_name)
         self.topology = build_topology(config.topology, config.peers, config.seed, config.allow_disconnected)
         self.clients = [p for p in range(config.peers) if not (self.topology.server and p == 0)]
+        causal_lm = task_of(config.model) == CAUSAL_LM
+        check_adversary(config.adversary, self.clients, self.topology.server, config.method, causal_lm)
+        rule = robust_rule(config.robust, config.method, self.topology.server)
+        # honest metrics leave the adversary's peers out
+        self.honest = frozenset(self.clients) - frozenset(config.adversary.peers)
         tokenizer = load_tokenizer(config.model)
         self.data = build_data(config.data, self.clients, config.seed, tokenizer, config.model.max_length,
-                               task_of(config.model) == CAUSAL_LM)
+                               causal_lm)
+        poison(self.data, config.adversary)
         self.bank = build_bank(config.model, list(self.placement.local_peers), self.data.input_dim,
                                self.data.num_classes, config.seed, runtime.device,
                                methods.trains_dense_deltas(config.method))
         self.layout = self.bank.layout
+        self.adversary = Adversary(config.adversary, config.seed, self.layout) if config.adversary.peers else None
         self.schedule = MixingSchedule(self.topology, config.mixing, [len(self.data.clients[c].train) for c in self.clients],
                                        config.seed, config.participation)
         context = methods.MethodContext(self.layout, self.schedule.planning_gap, self.topology.server, self.bank.model)
@@ -127,7 +136,7 @@ class Experiment:
         probe = Transport(self.placement, runtime.device, config.comm.timeout_s, runtime.wire_device,
                           runtime.frame_key)
         self.mixer = Mixer(self.method, self.schedule, self.layout, transport, probe, config.comm,
-                           config.train.warmup_rounds)
+                           config.train.warmup_rounds, self.adversary, rule)
         self.out = Path(config.out)
         self.bytes_total = 0
         self.wire_bytes_before = 0  # sent over the wire by all processes before the checkpoint resumed from
@@ -230,8 +239,8 @@ class Experiment:
         and the round's metrics summed exactly over processes (``rotations``: what this process's method
         applied in the round's align and mix phases)."""
         results = self.group.gather_objects((self.hosted.evaluate(round), unreported), "gathering evaluation results")
-        metrics = round_metrics(self.layout, self.hosted.client_rows(), len(self.clients), mixed, rotations,
-                                self.group.reduce)
+        metrics = round_metrics(self.layout, self.hosted.client_rows(self.honest), len(self.honest), mixed,
+                                rotations, self.group.reduce)
         return results, metrics
 
     def record(self, round: int, scores: tuple[list, dict[str, float | None]], sent: int, clock: RoundClock,
@@ -245,7 +254,7 @@ class Experiment:
         dropped = [d for _, process_dropped in results for d in process_dropped]
         absent = np.flatnonzero(~self.schedule.present_at(round)).tolist()
         return round_record(round, elapsed, per_peer, metrics, sent, self.bytes_total, absent, dropped, seconds,
-                            self.bank.task == CAUSAL_LM)
+                            self.bank.task == CAUSAL_LM, self.config.adversary.peers)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_due(self, round: int) -> bool:
@@ -294,7 +303,8 @@ class Experiment:
         adapters = self.out / outputs.ADAPTERS
         labels = self.data.class_names if self.bank.task != CAUSAL_LM else []
         self.hosted.save_adapters(adapters, labels)
-        consensus = self.method.consensus(self.hosted.client_rows(), len(self.clients), self.group.reduce)
+        rows = self.hosted.client_rows(self.honest)
+        consensus = self.method.consensus(rows, len(self.honest), self.group.reduce)
         wire_bytes = self.wire_bytes_total()
         if self.runtime.rank != 0:
             return {}
@@ -306,6 +316,8 @@ class Experiment:
             "processes": self.runtime.world,
             "rounds": self.config.rounds,
             "method": self.config.method,
+            **({"adversary": self.adversary.record()} if self.adversary is not None else {}),
+            **({"robust": rule_record(self.config.robust)} if self.mixer.rule is not None else {}),
             "topology": self.topology.name,
             "backend": self.runtime.backend or "single-process",
             "threads": torch.get_num_threads(),

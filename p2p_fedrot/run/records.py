@@ -6,7 +6,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -36,23 +36,28 @@ class RoundClock:
 
 def round_record(round: int, elapsed: float, per_peer: dict[int, tuple], metrics: dict[str, float],
                  bytes_sent: int, bytes_total: int, absent: list[int], dropped: list[dict],
-                 seconds: dict[str, float], causal_lm: bool) -> dict:
+                 seconds: dict[str, float], causal_lm: bool, adversary: Sequence[int] = ()) -> dict:
     """One line of metrics.jsonl. ``per_peer`` maps each client to (accuracy, loss, local accuracy,
-    local loss); ``metrics`` holds the consensus distance and aggregation errors."""
+    local loss); ``metrics`` holds the consensus distance and aggregation errors. The means and the
+    minimum are over honest clients, the ``adversary``'s left out (and reported apart)."""
     order = sorted(per_peer)
-    accuracy = [per_peer[p][0] for p in order]
-    mean_loss = float(np.mean([per_peer[p][1] for p in order]))
+    honest = [p for p in order if p not in adversary]
+    honest_accuracy = [per_peer[p][0] for p in honest]
+    mean_loss = float(np.mean([per_peer[p][1] for p in honest]))
     record = {
         "round": round,
         "time_s": round_float(elapsed),
         "peers": order,
-        "accuracy": accuracy,
+        "accuracy": [per_peer[p][0] for p in order],
         "loss": [per_peer[p][1] for p in order],
         "local_accuracy": [per_peer[p][2] for p in order],
         "local_loss": [per_peer[p][3] for p in order],
-        "mean_accuracy": float(np.mean(accuracy)),
-        "min_accuracy": float(np.min(accuracy)),
+        "mean_accuracy": float(np.mean(honest_accuracy)),
+        "min_accuracy": float(np.min(honest_accuracy)),
         "mean_loss": mean_loss,
+        **({"adversary_peers": sorted(adversary),
+            "adversary_mean_accuracy": float(np.mean([per_peer[p][0] for p in sorted(adversary)]))}
+           if adversary else {}),
         **metrics,
         "bytes_sent": bytes_sent,
         "bytes_sent_total": bytes_total,

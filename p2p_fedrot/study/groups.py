@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from ..config import dotted
+from ..config import dotted, with_defaults
 from ..errors import ConfigError
 from ..io import read_json, read_jsonl
 
@@ -62,7 +62,7 @@ class Group:
 
 def settings_of(run: dict) -> dict[str, Any]:
     """Dotted settings, with the topology kept whole (a name or a mapping such as {name: ..., p: 0.2})."""
-    config = dict(run["config"])
+    config = with_defaults(run["config"])
     topology = config.pop("topology", None)
     settings = {key: value for key, value in dotted(config).items() if key not in NOT_GROUPED}
     return {"topology": topology, **settings}
