@@ -36,8 +36,11 @@ def test_two_process_minilm_run_writes_every_output(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_minilm_learns_bbc_topics_well_above_chance(tmp_path: Path) -> None:
     out = tmp_path / "run"
+    # LoRA on the top 2 blocks over the cached frozen prefix: half the time of all 6 blocks (0.78 against
+    # 0.80 after 4 rounds); the 2-process run above and the demo's test train all blocks
     result = cli(["run", DEMO, "--set", "peers=4", "--set", "rounds=4", "--set", "data.train_samples=800",
-                  "--set", "data.test_samples=200", "--set", "eval.every=4", "--set", f"out={out}"])
+                  "--set", "data.test_samples=200", "--set", "eval.every=4", "--set", "model.lora.layers={top: 2}",
+                  "--set", f"out={out}"])
     assert result.returncode == 0, result.stderr[-3000:]
     final = read_metrics(out)[-1]
     assert final["mean_accuracy"] > 0.6, final["mean_accuracy"]  # 5 classes: chance is 0.2
