@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from ..exact import MixInputs
+from ..exact import MixInputs, weighted_sum
 from ..peers.factors import FactorLayout
 
 
@@ -36,19 +36,14 @@ def gaussian(own: torch.Tensor, std: float, generator: torch.Generator) -> torch
 def _mean(honest: Sequence[torch.Tensor]) -> torch.Tensor:
     if not honest:
         raise ValueError("the attack needs at least one honest message")
-    total = torch.zeros_like(honest[0])
-    for x in honest:
-        total.add_(x)
-    return total / len(honest)
+    return weighted_sum([(1.0, x) for x in honest]) / len(honest)
 
 
 def alie(honest: Sequence[torch.Tensor], z: float) -> torch.Tensor:
     """A little is enough (Baruch et al. 2019): mean - z * std, coordinate-wise over the honest messages
     (std with n - 1, as torch.std; 0 for a single message)."""
     mean = _mean(honest)
-    spread = torch.zeros_like(mean)
-    for x in honest:
-        spread.add_((x - mean).square())
+    spread = weighted_sum([(1.0, (x - mean).square()) for x in honest])
     std = (spread / (len(honest) - 1)).sqrt() if len(honest) > 1 else spread
     return mean - z * std
 

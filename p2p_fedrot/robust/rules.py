@@ -120,10 +120,8 @@ def clipped_sum(row: Row, distances: torch.Tensor, tau: float) -> torch.Tensor:
     """sum_j w_j z_j, z_j = x_j where d_j <= tau (so nothing clipped is exactly ``plain``), else
     x_i + (tau / d_j)(x_j - x_i), the receiver's x_i plus its step toward x_j clipped to length tau."""
     own = row.payloads[row.own]
-    total = torch.zeros_like(own)
-    for weight, x, d in zip(row.weights, row.payloads, distances.tolist()):
-        total.add_(x if d <= tau else own + (x - own) * (tau / d), alpha=weight)
-    return total
+    return weighted_sum([(weight, x if d <= tau else own + (x - own) * (tau / d))
+                         for weight, x, d in zip(row.weights, row.payloads, distances.tolist())])
 
 
 def adaptive_tau(distances: Sequence[float]) -> float:
