@@ -99,9 +99,17 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def command_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .study.report import write_report
 
-    print(write_report(args.runs, args.out, args.invocation).terminal_text(), end="")
+    unfinished = [run for run in args.runs if (Path(run) / "config.yaml").is_file() and not (Path(run) / "summary.json").is_file()]
+    if unfinished:
+        print(f"p2p-fedrot: note: {len(unfinished)} folder(s) hold a run that has not finished (it stopped early or "
+              f"is still going), e.g. {unfinished[0]}; a robustness report counts them as stopped, others leave them "
+              "out", file=sys.stderr)
+    finished = [run for run in args.runs if run not in unfinished]
+    print(write_report(finished, args.out, args.invocation, unfinished).terminal_text(), end="")
     return 0
 
 
@@ -115,8 +123,9 @@ def command_sweep(args: argparse.Namespace) -> int:
     runs = plan(args.config, [parse_grid(item) for item in args.grid], parse_seeds(args.seeds), out, args.overrides)
     failed = run_sweep(runs, args.config, out, args.jobs, args.nproc)
     finished = [run.folder for run in runs if run not in failed]
+    started = [run.folder for run in failed if (run.folder / "config.yaml").is_file()]
     if finished:
-        print(write_report(finished, out / "report", args.invocation).terminal_text(), end="")
+        print(write_report(finished, out / "report", args.invocation, started).terminal_text(), end="")
     if failed:
         print(f"p2p-fedrot: error: {len(failed)} of {len(runs)} runs failed ({', '.join(r.label for r in failed)}); "
               f"their logs are in {out / 'logs'}; run the same command again to retry them", file=sys.stderr)

@@ -26,7 +26,7 @@ from p2p_fedrot.graph.topologies import (
 )
 
 REQUIRED = {"ring", "line", "torus", "complete", "star", "server", "erdos_renyi", "small_world", "exponential",
-            "random_regular", "edges", "random_matching", "one_peer_exponential"}
+            "random_regular", "edges", "random_matching", "one_peer_exponential", "barbell"}
 # entries that cannot build from the catalogue alone at that size
 OVERRIDES = {("edges", 8): {"edges": [[i, (i + 1) % 8] for i in range(8)]},
              ("edges", 16): {"edges": [[i, (i + 1) % 16] for i in range(16)]}}
@@ -55,6 +55,18 @@ def test_every_entry_builds_and_is_connected(name: str, peers: int) -> None:
     else:  # schedules mix over rounds: their union is connected (every peer reaches every other)
         union = nx.compose_all(graphs)
         assert nx.is_strongly_connected(union) if union.is_directed() else nx.is_connected(union)
+
+
+def test_barbell_is_two_cliques_joined_through_the_bridge() -> None:
+    graph = build_topology({"name": "barbell", "bridge": 2}, 12, seed=0).graph_at(0)
+    first, path, second = range(0, 5), [5, 6], range(7, 12)
+    assert all(graph.has_edge(u, v) for u in first for v in first if u < v)
+    assert all(graph.has_edge(u, v) for u in second for v in second if u < v)
+    assert edge_set(graph) - edge_set(nx.complete_graph(first)) - edge_set(nx.complete_graph(second)) == {
+        (4, path[0]), tuple(path), (path[1], 7)}
+    assert estimated_edges("barbell", 12, {"bridge": 2}) == graph.number_of_edges()
+    with pytest.raises(TopologyError, match="peers - bridge must be even"):
+        build_topology("barbell", 15, seed=0)
 
 
 def test_torus_8_falls_back_to_2_by_4() -> None:
@@ -136,7 +148,7 @@ def test_mapping_overrides_params() -> None:
 
 
 @pytest.mark.parametrize("spec, peers, match", [
-    ("hypercube", 8, "unknown topology 'hypercube'; available: complete, edges"),
+    ("hypercube", 8, "unknown topology 'hypercube'; available: barbell, complete, edges"),
     ({"name": "ring", "k": 2}, 8, r"unknown parameter\(s\) \['k'\]"),
     ({"name": "erdos_renyi", "q": 2}, 8, r"valid: \['p'\]"),
     ({"name": "erdos_renyi", "p": 1.5}, 8, "p must be in"),

@@ -167,6 +167,19 @@ def random_regular(peers: int, seed: int, d: int = 3) -> nx.Graph:
     return _first_connected(lambda s: nx.random_regular_graph(d, peers, seed=s), seed)
 
 
+def barbell(peers: int, seed: int, bridge: int = 0) -> nx.Graph:
+    """Two cliques of (peers - bridge) / 2 peers joined by a path through ``bridge`` peers (one edge
+    for 0): the graph with the worst bottleneck for its density, where rules that are not relative to
+    the receiver cut the two halves apart. Cliques 0..m-1 and m+bridge..N-1, path m-1, m, ..., m+bridge."""
+    cliques = peers - bridge
+    if bridge < 0 or cliques < 4 or cliques % 2:
+        raise TopologyError(
+            f"topology 'barbell': peers - bridge must be even and at least 4 (two cliques of 2 or more), got "
+            f"peers={peers}, bridge={bridge}; use an even peer count with bridge 0, or change bridge"
+        )
+    return nx.barbell_graph(cliques // 2, bridge)
+
+
 def edge_list(peers: int, seed: int, edges: list | None = None, path: str | None = None) -> nx.Graph:
     """An explicit edge list over peers 0..peers-1, given inline or as a networkx-readable graph file."""
     if (edges is None) == (path is None):
@@ -231,6 +244,7 @@ BUILDERS: dict[str, _Builder] = {
     "exponential": _Builder(exponential, True),
     "erdos_renyi": _Builder(erdos_renyi, True),
     "random_regular": _Builder(random_regular, True),
+    "barbell": _Builder(barbell, True),
     "edges": _Builder(edge_list, True),
     "random_matching": _Builder(random_matching, False),
     "one_peer_exponential": _Builder(one_peer_exponential, False),
@@ -247,6 +261,7 @@ EDGE_ESTIMATES: dict[str, Callable[[int, Mapping], float]] = {
     "exponential": lambda n, params: n * (n - 1).bit_length(),
     "erdos_renyi": lambda n, params: params["p"] * n * (n - 1) / 2,
     "random_regular": lambda n, params: n * params["d"] / 2,
+    "barbell": lambda n, params: (n - params["bridge"]) // 2 * ((n - params["bridge"]) // 2 - 1) + params["bridge"] + 1,
     "connected_watts_strogatz_graph": lambda n, params: n * (params["k"] // 2),
     "watts_strogatz_graph": lambda n, params: n * (params["k"] // 2),
     "random_matching": lambda n, params: n / 2,

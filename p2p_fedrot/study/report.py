@@ -13,12 +13,16 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from ..io import atomic_write_json, atomic_write_png, atomic_write_text
 from ..provenance import describe
 from ..run.outputs import require_folder_path
 from .findings import findings_markdown, study_findings
 from .groups import Group, effective_gap, group_runs, group_stats, load_run, mean_std, per_round
+from .robustness import is_robustness_study, panels_json, panels_markdown, plot_heatmaps, robustness_panels
 
+PER_ROUND_MAX_GROUPS = 30  # more lines than this make a per-round plot unreadable
 LOG_FLOOR = 1e-15  # on a log axis, values at or below this (relative consensus at float noise) are left out
 ALIGNMENT_PLOTS = {  # per-round diagnostics, plotted when some run recorded them
     "rotational_share": "rotational share of neighbour disagreement",
@@ -226,9 +230,11 @@ class Report:
                 + f"\nreport: {self.summary}\n{self.stamp}\n")
 
 
-def write_report(run_dirs: list[str], out: str | os.PathLike, command: str | None = None) -> Report:
+def write_report(run_dirs: list[str], out: str | os.PathLike, command: str | None = None,
+                 stopped_dirs: list[str] = ()) -> Report:
     """Write summary.md, summary.json and the plots into ``out``, each stamped with ``command`` and the
-    code version of the runs."""
+    code version of the runs. ``stopped_dirs``: runs of the same study that ended early, which a
+    robustness study counts as defences that failed."""
     loaded = [load_run(d) for d in run_dirs]
     groups = group_runs(loaded)
     stats = [group_stats(g) for g in groups]
@@ -237,38 +243,52 @@ def write_report(run_dirs: list[str], out: str | os.PathLike, command: str | Non
     folder = Path(out)
     require_folder_path(folder, "--out")
     folder.mkdir(parents=True, exist_ok=True)
-    plot_per_round(groups, "mean_accuracy", "mean test accuracy over peers", folder / "accuracy.png", stamp)
-    consensus_key = "consensus_distance_rel" if _recorded(groups, "consensus_distance_rel") else "consensus_distance"
-    drifting = _recorded(groups, consensus_key, above=LOG_FLOOR)  # server-mode runs are at exact consensus
-    if drifting:
-        plot_per_round(groups, consensus_key, consensus_key.replace("_", " "), folder / "consensus.png", stamp,
-                       log=True, prediction=True)
-    plot_final_against(stats, "spectral_gap", "spectral gap 1 - rho of the mixing matrix (mean over rounds)",
-                       folder / "accuracy_vs_gap.png", stamp)
-    plot_final_against(stats, "mb_sent", "MB sent in the run (all peers)", folder / "accuracy_vs_bytes.png", stamp)
-    plots = ["accuracy", *(["consensus"] if drifting else []), "accuracy_vs_gap", "accuracy_vs_bytes"]
+    robustness = is_robustness_study(groups)
+    per_round_plots = len(groups) <= PER_ROUND_MAX_GROUPS
+    plots, drifting = [], False
+    if per_round_plots:
+        plot_per_round(groups, "mean_accuracy", "mean test accuracy over peers", folder / "accuracy.png", stamp)
+        consensus_key = "consensus_distance_rel" if _recorded(groups, "consensus_distance_rel") else "consensus_distance"
+        drifting = _recorded(groups, consensus_key, above=LOG_FLOOR)  # server-mode runs are at exact consensus
+        if drifting:
+            plot_per_round(groups, consensus_key, consensus_key.replace("_", " "), folder / "consensus.png", stamp,
+                           log=True, prediction=True)
+        plots = ["accuracy", *(["consensus"] if drifting else [])]
+    if not robustness:
+        plot_final_against(stats, "spectral_gap", "spectral gap 1 - rho of the mixing matrix (mean over rounds)",
+                           folder / "accuracy_vs_gap.png", stamp)
+        plot_final_against(stats, "mb_sent", "MB sent in the run (all peers)", folder / "accuracy_vs_bytes.png", stamp)
+        plots += ["accuracy_vs_gap", "accuracy_vs_bytes"]
     for key, label in ALIGNMENT_PLOTS.items():
-        if _recorded(groups, key):
+        if per_round_plots and _recorded(groups, key):
             plot_per_round(groups, key, label, folder / f"{key}.png", stamp)
             plots.append(key)
+    panels = robustness_panels(groups, [_started_run(d) for d in stopped_dirs]) if robustness else []
+    plots += plot_heatmaps(panels, folder, stamp, _save)
     seeds = sorted({len(g.runs) for g in groups})
     notes = "Plots: a band or error bar is +/- one std over seeds" + (
         "; the consensus plot leaves out runs at exact consensus (relative distance <= 1e-15), and its dashed "
         "lines are how fast mixing alone would shrink the first plotted value (rho^(2t), rho = 1 - spectral gap)"
         if drifting else ". No consensus plot: every run is at exact consensus (relative distance <= 1e-15), as in "
-        "server mode") + ".\n"
+        "server mode" if per_round_plots else f". No per-round plots: {len(groups)} groups (over "
+        f"{PER_ROUND_MAX_GROUPS}) would make them unreadable; metrics.jsonl of each run has the rounds") + ".\n"
     intro = (f"{len(groups)} group(s) of runs that differ only in their seed; mean +/- sample std over the "
              f"n seeds of each ({', '.join(map(str, seeds))}). Final values are those of the last evaluated "
              "round. The spectral gap is that of the mixing matrix averaged over rounds, which for a time-varying "
              "graph differs from any one round's (runs recorded before this average show round 0's).\n")
     stamp_lines = "".join(f"{line}  \n" for line in stamp.splitlines())
-    found = study_findings(stats, groups)
-    findings = findings_markdown(found)
+    found = {} if robustness else study_findings(stats, groups)
+    findings = panels_markdown(panels) if robustness else findings_markdown(found)
     text = ("# p2p_fedrot report\n\n" + stamp_lines + "\n" + intro + "\n" + summary_table(stats) + "\n" + notes + "\n"
             + (findings + "\n" if findings else "")
             + "\n\n".join(f"![{name.replace('_', ' ')}]({name}.png)" for name in plots) + "\n")
     atomic_write_json(folder / "summary.json", {"made_by": {"command": command, "code": codes}, "groups": stats,
-                                                "findings": found})
+                                                "findings": found, **({"robustness": panels_json(panels)} if robustness else {})})
     atomic_write_text(folder / "summary.md", text)
     return Report(folder / "summary.md", [folder / f"{name}.png" for name in plots], terminal_table(stats),
                   intro + notes, stamp)
+
+
+def _started_run(folder: str | os.PathLike) -> dict:
+    """A run that ended early, as far as the report needs it: the config it started with."""
+    return {"config": yaml.safe_load((Path(folder) / "config.yaml").read_text()) or {}}

@@ -3,13 +3,17 @@
 Each run is a separate ``p2p-fedrot run`` process (torchrun when ``nproc`` > 1) writing to
 ``OUT/<cell>/seed<k>``, so runs are independent, can go in parallel, and a sweep that was stopped
 goes on where it was: finished runs are skipped, a run cut off mid-way resumes from its checkpoint.
+Single-process runs are forked from a server process that has imported torch, transformers and peft
+once: importing them takes seconds, often longer than a small run itself.
 """
 
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import os
 import re
+import runpy
 import signal
 import subprocess
 import sys
@@ -30,6 +34,7 @@ from ..run.checkpoint import describe_differences
 from ..run.outputs import CONFIG, SUMMARY, require_folder_path
 
 LOGS = "logs"  # OUT/logs/<cell>_seed<k>.log: each run's own output
+PRELOADED = ["p2p_fedrot.cli", "p2p_fedrot.run.loop"]  # what a forked run finds imported
 
 
 @dataclass(frozen=True)
@@ -145,13 +150,73 @@ def is_finished(run: PlannedRun) -> bool:
     return same_run and read_json(summary).get("rounds") == run.config.rounds
 
 
+def run_arguments(run: PlannedRun, config_file: str, threads: int | None) -> list[str]:
+    """The run's ``p2p-fedrot`` arguments: ``run CONFIG --set ...``."""
+    sets = [*run.overrides, *([f"threads={threads}"] if threads else [])]
+    return ["run", config_file, *itertools.chain.from_iterable(("--set", s) for s in sets)]
+
+
 def command(run: PlannedRun, config_file: str, nproc: int, threads: int | None) -> list[str]:
     """The run's command line: this Python's p2p_fedrot, under torchrun for several processes."""
-    sets = [*run.overrides, *([f"threads={threads}"] if threads else [])]
-    arguments = ["-m", "p2p_fedrot", "run", config_file, *itertools.chain.from_iterable(("--set", s) for s in sets)]
+    arguments = ["-m", "p2p_fedrot", *run_arguments(run, config_file, threads)]
     if nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *arguments]
     return [sys.executable, *arguments]
+
+
+class ForkedRun:
+    """A single-process run in a process forked from a server that has imported ``PRELOADED``;
+    it answers like ``subprocess.Popen`` (poll, returncode, terminate, wait)."""
+
+    def __init__(self, context: multiprocessing.context.ForkServerContext, arguments: list[str], log: Path):
+        self.process = context.Process(target=_run_in_child, args=(arguments, str(log)), daemon=False)
+        self.process.start()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def terminate(self) -> None:
+        self.process.terminate()
+
+    def wait(self) -> int | None:
+        self.process.join()
+        return self.process.exitcode
+
+
+def _run_in_child(arguments: list[str], log: str) -> None:
+    """A forked run: its output to its log, line by line, then ``p2p-fedrot`` as in a fresh process."""
+    descriptor = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    for stream in (1, 2):
+        os.dup2(descriptor, stream)
+    os.close(descriptor)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    sys.argv = ["p2p-fedrot", *arguments]
+    runpy.run_module("p2p_fedrot", run_name="__main__", alter_sys=True)  # python -m p2p_fedrot, which exits
+
+
+def start_run(run: PlannedRun, config_file: str, nproc: int, threads: int | None, log: Path, env: dict,
+              server: multiprocessing.context.ForkServerContext | None):
+    """Launch one run: forked from ``server`` when it runs on one process, else as a new command."""
+    if nproc == 1 and server is not None:
+        return ForkedRun(server, run_arguments(run, config_file, threads), log)
+    with open(log, "w") as output:
+        return subprocess.Popen(command(run, config_file, nproc, threads), stdout=output, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env)
+
+
+def fork_server() -> multiprocessing.context.ForkServerContext | None:
+    """A context whose processes fork from one server that imported ``PRELOADED``; None where the
+    platform has no fork server (each run then starts a new Python)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOADED)
+    return context
 
 
 def default_threads(runs: Sequence[PlannedRun], jobs: int, nproc: int) -> int | None:
@@ -172,30 +237,28 @@ def run_sweep(runs: Sequence[PlannedRun], config_file: str, out: Path, jobs: int
     threads = default_threads(todo, jobs, nproc)
     (out / LOGS).mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # read when the fork server imports torch
+    server = fork_server() if nproc == 1 and todo else None
     waiting, running, failed = list(todo), {}, []
     signal.signal(signal.SIGTERM, _stop)  # a sweep told to stop takes its runs in flight with it
     try:
         while waiting or running:
             while waiting and len(running) < jobs:
                 run = waiting.pop(0)
-                log = open(out / LOGS / f"{run.cell}_seed{run.seed}.log", "w")
-                process = subprocess.Popen(command(run, config_file, nproc, threads), stdout=log,
-                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-                running[process] = (run, log, time.perf_counter())
+                log = out / LOGS / f"{run.cell}_seed{run.seed}.log"
+                running[start_run(run, config_file, nproc, threads, log, env, server)] = (run, log, time.perf_counter())
             time.sleep(0.2)
             for process in [p for p in running if p.poll() is not None]:
                 run, log, started = running.pop(process)
-                log.close()
                 if process.returncode != 0:
                     failed.append(run)
                 finished = len(todo) - len(waiting) - len(running)
-                echo(f"[{finished}/{len(todo)}] {run.label}: {_outcome(run, process.returncode, log.name)} "
+                echo(f"[{finished}/{len(todo)}] {run.label}: {_outcome(run, process.returncode, log)} "
                      f"({time.perf_counter() - started:.0f} s)")
     finally:  # interrupted: stop the runs in flight (each resumes from its checkpoint next time)
-        for process, (_, log, _) in running.items():
+        for process in running:
             process.terminate()
             process.wait()
-            log.close()
     return failed
 
 
@@ -203,7 +266,7 @@ def _stop(signum: int, frame: object) -> None:
     raise SystemExit(f"sweep: stopped by signal {signum}; the same command goes on where it was")
 
 
-def _outcome(run: PlannedRun, returncode: int, log: str) -> str:
+def _outcome(run: PlannedRun, returncode: int, log: Path) -> str:
     if returncode != 0:
         return f"FAILED with exit code {returncode}; see {log}"
     accuracy = read_json(run.folder / SUMMARY).get("final_mean_accuracy")

@@ -1,0 +1,156 @@
+"""The robustness view of a report: honest accuracy per robust rule over (attack, number of adversaries).
+
+A robustness study varies ``robust.rule``, ``adversary.attack`` and ``adversary.peers``; every other
+setting that varies (the graph, the method) makes a panel of its own. A cell is the final accuracy
+of the worst honest peer (metrics count honest peers only), mean over seeds: the number a party
+that joins the network must plan for. ``attack: none`` with the same peers is the clean run,
+measured on the same honest peers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .groups import Group, mean_std, settings_of
+
+AXES = ("robust.rule", "adversary.attack", "adversary.peers")
+WORST, MEAN = "final_min_accuracy", "final_mean_accuracy"
+
+
+@dataclass
+class Panel:
+    """The groups that share every setting but the robustness axes."""
+
+    title: str
+    rules: list[str] = field(default_factory=list)
+    attacks: list[str] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)  # adversaries per run (f)
+    cells: dict[tuple[str, str, int], dict[str, Any]] = field(default_factory=dict)
+
+
+def is_robustness_study(groups: list[Group]) -> bool:
+    """Whether the groups differ in a robust rule or an attack (a connectivity study does not)."""
+    settings = [settings_of(group.runs[0]) for group in groups]
+    return any(len({repr(s.get(key)) for s in settings}) > 1 for key in AXES[:2])
+
+
+def robustness_panels(groups: list[Group], stopped: list[dict] = ()) -> list[Panel]:
+    """One panel per combination of the other varying settings, its cells mean +/- std over the
+    seeds that finished; ``stopped`` (runs that ended early: a payload the screen refused, a loss that
+    stopped being finite, read as {"config": ...}) counts per cell."""
+    finished = [(settings_of(group.runs[0]), group.runs) for group in groups]
+    ended = [(settings_of(run), []) for run in stopped]
+    settings = [setting for setting, _ in finished + ended]
+    others = [key for key in dict.fromkeys(k for s in settings for k in s)
+              if key not in AXES and key != "adversary.strength" and len({repr(s.get(key)) for s in settings}) > 1]
+    panels: dict[str, Panel] = {}
+    for setting, runs in finished + ended:
+        title = ", ".join(f"{key}={_short(setting.get(key))}" for key in others) or "all runs"
+        panel = panels.setdefault(title, Panel(title))
+        rule, attack, count = setting["robust.rule"], setting["adversary.attack"], len(setting["adversary.peers"] or [])
+        for values, value in ((panel.rules, rule), (panel.attacks, attack), (panel.counts, count)):
+            if value not in values:
+                values.append(value)
+        cell = panel.cells.setdefault((rule, attack, count), {"peers": setting["adversary.peers"], "stopped": 0})
+        if runs:
+            cell.update({key: dict(zip(("mean", "std", "n"), mean_std(run["summary"].get(key) for run in runs)))
+                         for key in (WORST, MEAN)})
+        else:
+            cell["stopped"] += 1
+    for panel in panels.values():
+        panel.attacks.sort(key=lambda attack: attack != "none")  # the clean column first
+        panel.counts.sort()
+    return list(panels.values())
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        return f"{value.get('name', '')}(" + ", ".join(f"{k}={v}" for k, v in value.items() if k != "name") + ")"
+    return str(value)
+
+
+def panels_json(panels: list[Panel]) -> list[dict[str, Any]]:
+    """The panels for summary.json: one entry per cell."""
+    return [{"panel": panel.title, "rule": rule, "attack": attack, "adversaries": count, **cell}
+            for panel in panels for (rule, attack, count), cell in panel.cells.items()]
+
+
+def panels_markdown(panels: list[Panel]) -> str:
+    """Per panel, a table: a row per (attack, f), a column per rule, the worst honest peer's final
+    accuracy (mean over seeds) with the honest mean in brackets."""
+    parts = []
+    for panel in panels:
+        rows = []
+        for attack in panel.attacks:
+            for count in panel.counts:
+                cells = [panel.cells.get((rule, attack, count)) for rule in panel.rules]
+                if any(cells):
+                    rows.append(f"| {attack} | {count} | " + " | ".join(_text(cell) for cell in cells) + " |")
+        parts.append(f"### {panel.title}\n\n| attack | f | " + " | ".join(panel.rules) + " |\n| --- | ---: |"
+                     + " ---: |" * len(panel.rules) + "\n" + "\n".join(rows) + "\n")
+    return ("## Robustness: worst honest peer (honest mean)\n\nFinal accuracy of the worst honest peer, mean over "
+            "seeds, and in brackets the honest peers' mean accuracy; f adversaries; attack `none`: the clean run "
+            "measured on the same honest peers. \"k stopped\": k seeds ended early (a payload over the norm screen, "
+            "or a loss that stopped being finite), the defence failed there; the numbers beside are the other "
+            "seeds'.\n\n" + "\n".join(parts))
+
+
+def _text(cell: dict[str, Any] | None) -> str:
+    if cell is None:
+        return "-"
+    stopped = f"{cell['stopped']} stopped" if cell["stopped"] else ""
+    if WORST not in cell or cell[WORST]["mean"] is None:
+        return stopped or "n/a"
+    return f"{cell[WORST]['mean']:.3f} ({cell[MEAN]['mean']:.3f})" + (f", {stopped}" if stopped else "")
+
+
+def plot_heatmaps(panels: list[Panel], folder: Path, stamp: str, save: Callable) -> list[str]:
+    """Per panel a figure, one heatmap per rule: rows f, columns attacks, colour and number the
+    worst honest peer's final accuracy (mean over seeds); returns the plot names."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    colours = colormaps["viridis"].with_extremes(bad="dimgrey")
+    names = []
+    for index, panel in enumerate(panels):
+        columns = min(3, len(panel.rules))
+        rows = math.ceil(len(panel.rules) / columns)
+        figure = Figure(figsize=(1.5 + 0.62 * len(panel.attacks) * columns, 0.9 + (0.4 * len(panel.counts) + 1.2) * rows),
+                        layout="constrained")
+        FigureCanvasAgg(figure)
+        axes = figure.subplots(rows, columns, squeeze=False)
+        image = None
+        for k, rule in enumerate(panel.rules):
+            ax = axes[k // columns][k % columns]
+            values = [[_worst(panel.cells.get((rule, attack, count))) for attack in panel.attacks]
+                      for count in panel.counts]
+            image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap=colours, aspect="auto")
+            for r, count in enumerate(panel.counts):
+                for c, attack in enumerate(panel.attacks):
+                    value = values[r][c]
+                    label = ("-" if (rule, attack, count) not in panel.cells else "stop") if math.isnan(value) else f"{value:.2f}"
+                    ax.text(c, r, label, ha="center", va="center", fontsize=6,
+                            color="white" if math.isnan(value) or value < 0.6 else "black")
+            ax.set_title(f"rule: {rule}", fontsize=8)
+            ax.set_xticks(range(len(panel.attacks)), panel.attacks, rotation=45, ha="right", fontsize=6)
+            ax.set_yticks(range(len(panel.counts)), [f"f={count}" for count in panel.counts], fontsize=6)
+        for k in range(len(panel.rules), rows * columns):
+            axes[k // columns][k % columns].set_visible(False)
+        figure.suptitle(f"worst honest peer's final accuracy (mean over seeds; stop: a seed ended early); "
+                        f"{panel.title}", fontsize=8)
+        figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
+        name = "robustness" if len(panels) == 1 else f"robustness_{index + 1}"
+        save(figure, folder / f"{name}.png", stamp)
+        names.append(name)
+    return names
+
+
+def _worst(cell: dict[str, Any] | None) -> float:
+    """A cell's number; NaN (drawn "stop", or "-" where nothing ran) where a seed stopped."""
+    if cell is None or cell["stopped"] or WORST not in cell or cell[WORST]["mean"] is None:
+        return math.nan
+    return cell[WORST]["mean"]
