@@ -5,6 +5,7 @@
     python scripts/benchmark.py --only scale    # whole runs against the number of peers: about 15 minutes
     python scripts/benchmark.py --only prefix --repeats 5   # LoRA on the top blocks, with and without the cache
     python scripts/benchmark.py --only secret --repeats 3   # toy runs on 2 processes without and with the secret
+    python scripts/benchmark.py --only sweep --repeats 5    # a sweep's runs: new Python each, or forked
 
 - align:    one batched soft-Procrustes call over all modules vs one call per module;
 - exchange: one message per process pair (this project's transport) vs one message per peer-to-peer
@@ -25,6 +26,9 @@
             and with P2P_FEDROT_SECRET, alternating: command time, run time and the time spent in the
             exchange; how fast one frame MAC (HMAC-SHA256) reads a 1M-float payload; and the gossip
             step of the exchange benchmark without and with frame MACs (ring and complete).
+- sweep:    the runs of a sweep (configs/robust.yaml: 16 toy peers, 20 rounds), one at a time, each
+            a new Python process (`python -m p2p_fedrot run`) against each forked from the sweep's
+            server that has imported torch and peft once; alternating, time per run to its exit.
 
 Prints medians over ``--repeats`` and their ratios. Figures depend on the machine: compare ratios.
 """
@@ -43,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -60,6 +65,7 @@ from p2p_fedrot.comm.runtime import Runtime, init_runtime
 from p2p_fedrot.peers.training import BankTrainer, evaluate, peers_per_forward
 from p2p_fedrot.graph.topologies import build_topology
 from p2p_fedrot.comm.transport import Placement, Transport
+from p2p_fedrot.study.sweep import ForkedRun, command, fork_server, plan, run_arguments
 
 # (label, modules, r, d_in, d_out): LoRA on query/value of the packaged MiniLM, and on q/v of a
 # 30-layer decoder of SmolLM2-135M's widths (v is narrower there, but the SVDs are r x r either way).
@@ -121,41 +127,45 @@ def _naive_exchange(placement: Placement, routes: list[tuple[int, int]], payload
     return sent
 
 
-def _exchange_worker(rank: int, world: int, port: int, topology: str, repeats: int, results: dict) -> None:
+def _exchange_worker(rank: int, world: int, port: int, topologies: list[str], repeats: int, results: dict) -> None:
+    """Both exchanges on each graph in turn, in one process group (a group per graph would start
+    Python and torch again for every graph)."""
     runtime = _join(rank, world, port)
     placement = Placement(EXCHANGE_PEERS, world, rank)
     transport = Transport(placement, runtime.device, 120)
-    W = mixing_matrix(build_topology(topology, EXCHANGE_PEERS, seed=0).graph_at(0))
-    routes = routes_of(W)
     payloads = {p: torch.randn(EXCHANGE_NUMEL) for p in placement.local_peers}
+    for topology in topologies:
+        W = mixing_matrix(build_topology(topology, EXCHANGE_PEERS, seed=0).graph_at(0))
+        routes = routes_of(W)
 
-    def ours() -> None:
-        dist.barrier()
+        def ours() -> None:
+            dist.barrier()
+            collect_mix_inputs(transport, W, payloads)
+
+        def naive() -> None:
+            dist.barrier()
+            _naive_exchange(placement, routes, payloads)
+
+        before = transport.wire_bytes
         collect_mix_inputs(transport, W, payloads)
-
-    def naive() -> None:
-        dist.barrier()
-        _naive_exchange(placement, routes, payloads)
-
-    before = transport.wire_bytes
-    collect_mix_inputs(transport, W, payloads)
-    ours_bytes = transport.wire_bytes - before
-    naive_bytes = _naive_exchange(placement, routes, payloads)
-    ours_s, naive_s = median_seconds(ours, repeats), median_seconds(naive, repeats)
-    if rank == 0:
-        results[topology] = (ours_s, naive_s, ours_bytes, naive_bytes)
+        ours_bytes = transport.wire_bytes - before
+        naive_bytes = _naive_exchange(placement, routes, payloads)
+        ours_s, naive_s = median_seconds(ours, repeats), median_seconds(naive, repeats)
+        if rank == 0:
+            results[topology] = (ours_s, naive_s, ours_bytes, naive_bytes)
     dist.destroy_process_group()
 
 
 def bench_exchange(repeats: int) -> None:
     print(f"exchange: {EXCHANGE_PEERS} peers on 2 Gloo processes, payload {EXCHANGE_NUMEL * 4:,} B per peer;"
           " one message per process pair vs one per route")
-    for topology in ("ring", "torus", "exponential", "complete"):
-        port = _free_port()
-        with mp.Manager() as manager:
-            results = manager.dict()
-            mp.spawn(_exchange_worker, args=(2, port, topology, repeats, results), nprocs=2)
-            ours_s, naive_s, ours_bytes, naive_bytes = results[topology]
+    topologies = ["ring", "torus", "exponential", "complete"]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_exchange_worker, args=(2, _free_port(), topologies, repeats, results), nprocs=2)
+        results = dict(results)
+    for topology in topologies:
+        ours_s, naive_s, ours_bytes, naive_bytes = results[topology]
         print(f"  {topology:<12} one per pair {ours_s * 1e3:7.2f} ms, {ours_bytes / 1e6:5.2f} MB out of process 0"
               f" | one per route {naive_s * 1e3:7.2f} ms, {naive_bytes / 1e6:5.2f} MB"
               f" | time ratio {naive_s / ours_s:5.2f}x")
@@ -435,9 +445,33 @@ def bench_secret(repeats: int) -> None:
               f"ratio {sealed_s / plain_s:5.2f}x")
 
 
+def bench_sweep(repeats: int) -> None:
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "robust.yaml")
+    print("sweep: runs of configs/robust.yaml (16 toy peers, 20 rounds, one thread), one at a time, alternating")
+    server, times = fork_server(), {"new process": [], "forked": []}
+    with tempfile.TemporaryDirectory() as folder:
+        for seed in range(repeats):
+            for mode in times:
+                out = os.path.join(folder, mode.replace(" ", "_"))
+                run = plan(config, [], [seed], Path(out), ["threads=1"])[0]
+                log = run.folder.parent / f"seed{seed}.log"
+                run.folder.parent.mkdir(parents=True, exist_ok=True)
+                start = time.perf_counter()
+                if mode == "forked":
+                    ForkedRun(server, run_arguments(run, config, None), log).wait()
+                else:
+                    with open(log, "w") as output:
+                        subprocess.run(command(run, config, 1, None), stdout=output, stderr=subprocess.STDOUT, check=True)
+                times[mode].append(time.perf_counter() - start)
+    fresh, forked = (statistics.median(times[mode]) for mode in times)
+    print(f"  new process {fresh:6.2f} s per run | forked {forked:6.2f} s per run | ratio {fresh / forked:5.2f}x "
+          f"(the first forked run also waits for the server's imports: "
+          f"{', '.join(f'{t:.2f}' for t in times['forked'])} s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["align", "exchange", "wire", "memory", "scale", "prefix", "secret"],
+    parser.add_argument("--only", choices=["align", "exchange", "wire", "memory", "scale", "prefix", "secret", "sweep"],
                         action="append",
                         help="run only these benchmarks (repeatable)")
     parser.add_argument("--repeats", type=int, default=30, help="timed repetitions per measurement (median)")
@@ -464,6 +498,8 @@ def main() -> None:
         bench_prefix(args.repeats)
     if "secret" in (args.only or []):
         bench_secret(args.repeats)
+    if "sweep" in (args.only or []):
+        bench_sweep(args.repeats)
 
 
 if __name__ == "__main__":

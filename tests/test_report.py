@@ -120,3 +120,40 @@ def test_time_varying_graphs_are_reported_at_the_gap_of_their_mean_round(tmp_pat
     old.write_text(json.dumps({key: value for key, value in recorded.items() if key != "spectral_gap_of_mean_W"}))
     assert group_stats(group_runs([load_run(runs[0])])[0])["spectral_gap"]["mean"] == recorded["spectral_gap"]
     assert main(["report", str(runs[0]), "--out", str(tmp_path / "old_report")]) == 0
+
+
+def robust_run(folder: Path, rule: str, attack: str, peers: list[int], seed: int, worst: float | None) -> str:
+    """A run folder written by hand: finished with a known worst honest accuracy, or (worst None)
+    stopped early, which leaves only its config."""
+    folder.mkdir(parents=True)
+    config = {"seed": seed, "out": str(folder), "method": "fedit", "topology": "torus", "peers": 16, "rounds": 2,
+              "adversary": {"peers": peers, "attack": attack}, "robust": {"rule": rule}}
+    (folder / "config.yaml").write_text(json.dumps(config))
+    if worst is not None:
+        (folder / "metrics.jsonl").write_text(json.dumps({"round": 1, "mean_accuracy": worst + 0.1}) + "\n")
+        (folder / "summary.json").write_text(json.dumps({
+            "method": "fedit", "topology": "torus", "final_mean_accuracy": worst + 0.1, "final_min_accuracy": worst,
+            "bytes_sent_total": 1000, "wall_time_s": 1.0}))
+        (folder / "topology.json").write_text(json.dumps({"spectral_gap": 0.4}))
+    return str(folder)
+
+
+def test_a_robustness_report_gives_the_worst_honest_peer_per_rule_attack_and_f(tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    worst = {("none", "none", 1): [0.70, 0.72], ("none", "alie", 1): [0.10, 0.20], ("clip", "none", 1): [0.71, 0.73],
+             ("clip", "alie", 1): [0.60, None], ("clip", "alie", 2): [0.50, 0.54]}
+    folders = [robust_run(tmp_path / f"{rule}_{attack}_{f}" / f"seed{seed}", rule, attack, [7, 12][:f], seed, value)
+               for (rule, attack, f), values in worst.items() for seed, value in enumerate(values)]
+    assert main(["report", *folders, "--out", str(tmp_path / "report")]) == 0
+    assert "1 folder(s) hold a run that has not finished" in capsys.readouterr().err
+    cells = {(c["rule"], c["attack"], c["adversaries"]): c
+             for c in json.loads((tmp_path / "report" / "summary.json").read_text())["robustness"]}
+    assert cells.keys() == worst.keys()
+    assert cells[("none", "alie", 1)]["final_min_accuracy"]["mean"] == pytest.approx(0.15, abs=1e-12)
+    assert cells[("clip", "alie", 2)]["final_mean_accuracy"]["mean"] == pytest.approx(0.62, abs=1e-12)
+    assert cells[("clip", "alie", 1)]["stopped"] == 1 and cells[("clip", "alie", 1)]["final_min_accuracy"]["n"] == 1
+    text = (tmp_path / "report" / "summary.md").read_text()
+    assert "| alie | 1 | 0.150 (0.250) | 0.600 (0.700), 1 stopped |" in text
+    assert "| alie | 2 | - | 0.520 (0.620) |" in text
+    assert (tmp_path / "report" / "robustness.png").read_bytes()[:8] == PNG_MAGIC
+    assert not (tmp_path / "report" / "accuracy_vs_gap.png").exists()  # one graph: nothing to plot against gaps

@@ -129,6 +129,28 @@ def test_report_mean_and_std_over_seeds_match_a_hand_computation(tmp_path: Path,
         assert (tmp_path / "report" / f"{plot}.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_a_run_forked_by_a_sweep_equals_the_same_run_in_a_fresh_process(tmp_path: Path) -> None:
+    """Sweeps fork single-process runs from a server that has imported torch and peft: the same bits."""
+    out = tmp_path / "sweep"
+    assert main(["sweep", TOY, "--seeds", "4", "--out", str(out), "--grid", "robust.rule=clip", *SMALL,
+                 "--set", "rounds=6"]) == 0
+    fresh = tmp_path / "fresh"
+    sets = [*SMALL, "--set", "rounds=6", "--set", "robust.rule=clip", "--set", "seed=4", "--set", f"out={fresh}",
+            "--set", f"threads={yaml.safe_load((out / 'rule-clip' / 'seed4' / 'config.yaml').read_text())['threads']}"]
+    done = subprocess.run([sys.executable, "-m", "p2p_fedrot", "run", TOY, *sets], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    timing = ("time", "_s", "seconds")
+    forked, direct = ([{k: v for k, v in json.loads(line).items() if not any(t in k for t in timing)}
+                       for line in (folder / "metrics.jsonl").read_text().splitlines()]
+                      for folder in (out / "rule-clip" / "seed4", fresh))
+    assert forked == direct and len(forked) == 6
+    adapters = list(fresh.glob("adapters/*/adapter_model.safetensors"))
+    assert len(adapters) == 5  # four peers and their consensus
+    for adapter in adapters:
+        assert adapter.read_bytes() == (out / "rule-clip" / "seed4" / adapter.relative_to(fresh)).read_bytes()
+
+
 @pytest.mark.slow
 def test_a_sweep_launches_each_run_on_several_processes(tmp_path: Path) -> None:
     out = tmp_path / "sweep"
