@@ -122,12 +122,13 @@ def test_time_varying_graphs_are_reported_at_the_gap_of_their_mean_round(tmp_pat
     assert main(["report", str(runs[0]), "--out", str(tmp_path / "old_report")]) == 0
 
 
-def robust_run(folder: Path, rule: str, attack: str, peers: list[int], seed: int, worst: float | None) -> str:
+def robust_run(folder: Path, rule: str, attack: str, peers: list[int], seed: int, worst: float | None,
+               strength: float | None = None) -> str:
     """A run folder written by hand: finished with a known worst honest accuracy, or (worst None)
     stopped early, which leaves only its config."""
     folder.mkdir(parents=True)
     config = {"seed": seed, "out": str(folder), "method": "fedit", "topology": "torus", "peers": 16, "rounds": 2,
-              "adversary": {"peers": peers, "attack": attack}, "robust": {"rule": rule}}
+              "adversary": {"peers": peers, "attack": attack, "strength": strength}, "robust": {"rule": rule}}
     (folder / "config.yaml").write_text(json.dumps(config))
     if worst is not None:
         (folder / "metrics.jsonl").write_text(json.dumps({"round": 1, "mean_accuracy": worst + 0.1}) + "\n")
@@ -157,3 +158,14 @@ def test_a_robustness_report_gives_the_worst_honest_peer_per_rule_attack_and_f(t
     assert "| alie | 2 | - | 0.520 (0.620) |" in text
     assert (tmp_path / "report" / "robustness.png").read_bytes()[:8] == PNG_MAGIC
     assert not (tmp_path / "report" / "accuracy_vs_gap.png").exists()  # one graph: nothing to plot against gaps
+
+
+def test_a_study_of_attack_strengths_plots_accuracy_against_the_strength(tmp_path: Path) -> None:
+    folders = [robust_run(tmp_path / f"{rule}_{c}" / f"seed{seed}", rule, "gauge_scale", [7], seed, 0.5 + 0.01 * seed, c)
+               for rule in ("none", "plain") for c in (2.0, 5.0) for seed in range(2)]
+    assert main(["report", *folders, "--out", str(tmp_path / "report")]) == 0
+    cells = json.loads((tmp_path / "report" / "summary.json").read_text())["robustness"]
+    assert sorted((c["panel"], c["rule"]) for c in cells) == sorted(
+        (f"adversary.strength={c}", rule) for rule in ("none", "plain") for c in (2.0, 5.0))
+    assert (tmp_path / "report" / "robustness_strength.png").read_bytes()[:8] == PNG_MAGIC
+    assert not list((tmp_path / "report").glob("robustness_[0-9]*.png"))  # no heatmaps of a single cell

@@ -20,7 +20,8 @@ from ..provenance import describe
 from ..run.outputs import require_folder_path
 from .findings import findings_markdown, study_findings
 from .groups import Group, effective_gap, group_runs, group_stats, load_run, mean_std, per_round
-from .robustness import is_robustness_study, panels_json, panels_markdown, plot_heatmaps, robustness_panels
+from .robustness import (is_robustness_study, panels_json, panels_markdown, plot_heatmaps, plot_strengths,
+                         robustness_panels)
 
 PER_ROUND_MAX_GROUPS = 30  # more lines than this make a per-round plot unreadable
 LOG_FLOOR = 1e-15  # on a log axis, values at or below this (relative consensus at float noise) are left out
@@ -264,7 +265,8 @@ def write_report(run_dirs: list[str], out: str | os.PathLike, command: str | Non
             plot_per_round(groups, key, label, folder / f"{key}.png", stamp)
             plots.append(key)
     panels = robustness_panels(groups, [_started_run(d) for d in stopped_dirs]) if robustness else []
-    plots += plot_heatmaps(panels, folder, stamp, _save)
+    strengths = plot_strengths(groups, folder, stamp, _save) if robustness else []
+    plots += strengths or plot_heatmaps(panels, folder, stamp, _save)  # one cell per heatmap says nothing
     seeds = sorted({len(g.runs) for g in groups})
     notes = "Plots: a band or error bar is +/- one std over seeds" + (
         "; the consensus plot leaves out runs at exact consensus (relative distance <= 1e-15), and its dashed "

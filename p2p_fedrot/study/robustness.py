@@ -44,8 +44,7 @@ def robustness_panels(groups: list[Group], stopped: list[dict] = ()) -> list[Pan
     finished = [(settings_of(group.runs[0]), group.runs) for group in groups]
     ended = [(settings_of(run), []) for run in stopped]
     settings = [setting for setting, _ in finished + ended]
-    others = [key for key in dict.fromkeys(k for s in settings for k in s)
-              if key not in AXES and key != "adversary.strength" and len({repr(s.get(key)) for s in settings}) > 1]
+    others = other_varying(settings, with_strength=strength_varies(settings))
     panels: dict[str, Panel] = {}
     for setting, runs in finished + ended:
         title = ", ".join(f"{key}={_short(setting.get(key))}" for key in others) or "all runs"
@@ -64,6 +63,55 @@ def robustness_panels(groups: list[Group], stopped: list[dict] = ()) -> list[Pan
         panel.attacks.sort(key=lambda attack: attack != "none")  # the clean column first
         panel.counts.sort()
     return list(panels.values())
+
+
+def strength_varies(settings: list[dict[str, Any]]) -> bool:
+    """Whether some attack runs at several strengths (otherwise each has its default, set by the attack)."""
+    return any(len({repr(s.get("adversary.strength")) for s in settings if s["adversary.attack"] == attack}) > 1
+               for attack in {s["adversary.attack"] for s in settings})
+
+
+def other_varying(settings: list[dict[str, Any]], with_strength: bool) -> list[str]:
+    """The settings besides the robustness axes that differ between the groups."""
+    return [key for key in dict.fromkeys(k for s in settings for k in s)
+            if key not in AXES and (key != "adversary.strength" or with_strength)
+            and len({repr(s.get(key)) for s in settings}) > 1]
+
+
+def plot_strengths(groups: list[Group], folder: Path, stamp: str, save: Callable) -> list[str]:
+    """Where a study varies an attack's strength: the honest peers' final mean accuracy against it
+    (mean +/- std over seeds), a line per rule, a panel per combination of the other settings."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    settings = [settings_of(group.runs[0]) for group in groups]
+    if not strength_varies(settings):
+        return []
+    others = other_varying(settings, with_strength=False)
+    lines: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
+    for group, setting in zip(groups, settings):
+        title = ", ".join([f"attack={setting['adversary.attack']}", f"f={len(setting['adversary.peers'] or [])}",
+                           *(f"{key}={_short(setting.get(key))}" for key in others)])
+        mean, std, _ = mean_std(run["summary"].get(MEAN) for run in group.runs)
+        if setting.get("adversary.strength") is not None and mean is not None:
+            lines.setdefault(title, {}).setdefault(setting["robust.rule"], []).append(
+                (float(setting["adversary.strength"]), mean, std))
+    figure = Figure(figsize=(4.6 * len(lines), 4.0), layout="constrained")
+    FigureCanvasAgg(figure)
+    for ax, (title, rules) in zip(figure.subplots(1, len(lines), squeeze=False)[0], lines.items()):
+        for rule, points in rules.items():
+            points.sort()
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
+                        capsize=3, label=f"rule: {rule}")
+        ax.set_xscale("log")
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("adversary.strength (log scale)")
+        ax.set_ylim(0.0, 1.0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    figure.axes[0].set_ylabel("honest peers' final mean accuracy (mean +/- std over seeds)")
+    save(figure, folder / "robustness_strength.png", stamp)
+    return ["robustness_strength"]
 
 
 def _short(value: Any) -> str:
