@@ -169,3 +169,20 @@ def test_a_study_of_attack_strengths_plots_accuracy_against_the_strength(tmp_pat
         (f"adversary.strength={c}", rule) for rule in ("none", "plain") for c in (2.0, 5.0))
     assert (tmp_path / "report" / "robustness_strength.png").read_bytes()[:8] == PNG_MAGIC
     assert not list((tmp_path / "report").glob("robustness_[0-9]*.png"))  # no heatmaps of a single cell
+
+
+def test_rules_without_an_adversary_on_several_graphs_make_one_heatmap(tmp_path: Path) -> None:
+    folders = []
+    for topology in ("ring", "torus"):
+        for rule in ("none", "clip"):
+            folder = tmp_path / f"{topology}_{rule}"
+            robust_run(folder, rule, "none", [], 0, 0.5)
+            config = json.loads((folder / "config.yaml").read_text())
+            (folder / "config.yaml").write_text(json.dumps({**config, "topology": topology}))
+            folders.append(str(folder))
+    assert main(["report", *folders, "--out", str(tmp_path / "report")]) == 0
+    cells = json.loads((tmp_path / "report" / "summary.json").read_text())["robustness"]
+    assert sorted((c["panel"], c["rule"], c["adversaries"]) for c in cells) == [
+        ("topology=ring", "clip", 0), ("topology=ring", "none", 0), ("topology=torus", "clip", 0),
+        ("topology=torus", "none", 0)]
+    assert [p.name for p in (tmp_path / "report").glob("robustness*.png")] == ["robustness.png"]

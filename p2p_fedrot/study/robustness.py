@@ -163,6 +163,8 @@ def plot_heatmaps(panels: list[Panel], folder: Path, stamp: str, save: Callable)
     from matplotlib.figure import Figure
 
     colours = colormaps["viridis"].with_extremes(bad="dimgrey")
+    if all(len(panel.attacks) == 1 and len(panel.counts) == 1 for panel in panels):
+        return [plot_rules_by_panel(panels, folder, stamp, save, colours)]
     names = []
     for index, panel in enumerate(panels):
         columns = min(3, len(panel.rules))
@@ -195,6 +197,32 @@ def plot_heatmaps(panels: list[Panel], folder: Path, stamp: str, save: Callable)
         save(figure, folder / f"{name}.png", stamp)
         names.append(name)
     return names
+
+
+def plot_rules_by_panel(panels: list[Panel], folder: Path, stamp: str, save: Callable, colours) -> str:
+    """One attack and one f per panel (e.g. rules without an adversary on many graphs): a single
+    heatmap, a row per panel and a column per rule, rather than heatmaps of one cell."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rules = list(dict.fromkeys(rule for panel in panels for rule in panel.rules))
+    values = [[_worst(panel.cells.get((rule, panel.attacks[0], panel.counts[0]))) for rule in rules] for panel in panels]
+    figure = Figure(figsize=(2.5 + 0.9 * len(rules), 1.2 + 0.3 * len(panels)), layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.subplots()
+    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap=colours, aspect="auto")
+    for r, row in enumerate(values):
+        for c, value in enumerate(row):
+            ax.text(c, r, "stop" if math.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if math.isnan(value) or value < 0.6 else "black")
+    ax.set_xticks(range(len(rules)), [f"rule: {rule}" for rule in rules], rotation=30, ha="right", fontsize=7)
+    ax.set_yticks(range(len(panels)), [panel.title for panel in panels], fontsize=7)
+    panel = panels[0]
+    ax.set_title(f"worst honest peer's final accuracy (mean over seeds); attack={panel.attacks[0]}, "
+                 f"f={panel.counts[0]}", fontsize=8)
+    figure.colorbar(image, ax=ax, shrink=0.8)
+    save(figure, folder / "robustness.png", stamp)
+    return "robustness"
 
 
 def _worst(cell: dict[str, Any] | None) -> float:
