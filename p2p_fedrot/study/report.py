@@ -265,8 +265,8 @@ def write_report(run_dirs: list[str], out: str | os.PathLike, command: str | Non
             plot_per_round(groups, key, label, folder / f"{key}.png", stamp)
             plots.append(key)
     panels = robustness_panels(groups, [_started_run(d) for d in stopped_dirs]) if robustness else []
-    strengths = plot_strengths(groups, folder, stamp, _save) if robustness else []
-    plots += strengths or plot_heatmaps(panels, folder, stamp, _save)  # one cell per heatmap says nothing
+    if robustness:  # a strength plot where an attack's strength varies: heatmaps of one cell say nothing
+        plots += plot_strengths(groups, folder, stamp, _save) or plot_heatmaps(panels, folder, stamp, _save)
     seeds = sorted({len(g.runs) for g in groups})
     notes = "Plots: a band or error bar is +/- one std over seeds" + (
         "; the consensus plot leaves out runs at exact consensus (relative distance <= 1e-15), and its dashed "
