@@ -81,13 +81,13 @@ def group_runs(runs: list[dict]) -> list[Group]:
                if len({repr(s.get(k)) for s, _ in keyed.values()}) > 1]
     for settings, group in keyed.values():
         if varying:
-            group.label = ", ".join(f"{k}={_short(settings.get(k))}" for k in varying)
+            group.label = ", ".join(f"{k}={short_value(settings.get(k))}" for k in varying)
         else:
             group.label = _common_name(group.runs)
     return groups
 
 
-def _short(value: Any) -> str:
+def short_value(value: Any) -> str:
     """ring, or erdos_renyi(p=0.2) for a mapping with a name."""
     if isinstance(value, dict):
         rest = ", ".join(f"{k}={v}" for k, v in value.items() if k != "name")

@@ -12,6 +12,7 @@ import os
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 
@@ -232,7 +233,7 @@ class Report:
 
 
 def write_report(run_dirs: list[str], out: str | os.PathLike, command: str | None = None,
-                 stopped_dirs: list[str] = ()) -> Report:
+                 stopped_dirs: Sequence[str] = ()) -> Report:
     """Write summary.md, summary.json and the plots into ``out``, each stamped with ``command`` and the
     code version of the runs. ``stopped_dirs``: runs of the same study that ended early, which a
     robustness study counts as defences that failed."""
@@ -264,8 +265,9 @@ def write_report(run_dirs: list[str], out: str | os.PathLike, command: str | Non
         if per_round_plots and _recorded(groups, key):
             plot_per_round(groups, key, label, folder / f"{key}.png", stamp)
             plots.append(key)
-    panels = robustness_panels(groups, [_started_run(d) for d in stopped_dirs]) if robustness else []
+    panels = []
     if robustness:  # a strength plot where an attack's strength varies: heatmaps of one cell say nothing
+        panels = robustness_panels(groups, [_started_run(d) for d in stopped_dirs])
         plots += plot_strengths(groups, folder, stamp, _save) or plot_heatmaps(panels, folder, stamp, _save)
     seeds = sorted({len(g.runs) for g in groups})
     notes = "Plots: a band or error bar is +/- one std over seeds" + (

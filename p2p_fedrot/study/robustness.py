@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .groups import Group, mean_std, settings_of
+from .groups import Group, mean_std, settings_of, short_value
 
 AXES = ("robust.rule", "adversary.attack", "adversary.peers")
 WORST, MEAN = "final_min_accuracy", "final_mean_accuracy"
@@ -47,7 +47,7 @@ def robustness_panels(groups: list[Group], stopped: list[dict] = ()) -> list[Pan
     others = other_varying(settings, with_strength=strength_varies(settings))
     panels: dict[str, Panel] = {}
     for setting, runs in finished + ended:
-        title = ", ".join(f"{key}={_short(setting.get(key))}" for key in others) or "all runs"
+        title = ", ".join(f"{key}={short_value(setting.get(key))}" for key in others) or "all runs"
         panel = panels.setdefault(title, Panel(title))
         rule, attack, count = setting["robust.rule"], setting["adversary.attack"], len(setting["adversary.peers"] or [])
         for values, value in ((panel.rules, rule), (panel.attacks, attack), (panel.counts, count)):
@@ -91,7 +91,7 @@ def plot_strengths(groups: list[Group], folder: Path, stamp: str, save: Callable
     lines: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
     for group, setting in zip(groups, settings):
         title = ", ".join([f"attack={setting['adversary.attack']}", f"f={len(setting['adversary.peers'] or [])}",
-                           *(f"{key}={_short(setting.get(key))}" for key in others)])
+                           *(f"{key}={short_value(setting.get(key))}" for key in others)])
         mean, std, _ = mean_std(run["summary"].get(MEAN) for run in group.runs)
         if setting.get("adversary.strength") is not None and mean is not None:
             lines.setdefault(title, {}).setdefault(setting["robust.rule"], []).append(
@@ -112,12 +112,6 @@ def plot_strengths(groups: list[Group], folder: Path, stamp: str, save: Callable
     figure.axes[0].set_ylabel("honest peers' final mean accuracy (mean +/- std over seeds)")
     save(figure, folder / "robustness_strength.png", stamp)
     return ["robustness_strength"]
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, dict):
-        return f"{value.get('name', '')}(" + ", ".join(f"{k}={v}" for k, v in value.items() if k != "name") + ")"
-    return str(value)
 
 
 def panels_json(panels: list[Panel]) -> list[dict[str, Any]]:
@@ -176,15 +170,8 @@ def plot_heatmaps(panels: list[Panel], folder: Path, stamp: str, save: Callable)
         image = None
         for k, rule in enumerate(panel.rules):
             ax = axes[k // columns][k % columns]
-            values = [[_worst(panel.cells.get((rule, attack, count))) for attack in panel.attacks]
-                      for count in panel.counts]
-            image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap=colours, aspect="auto")
-            for r, count in enumerate(panel.counts):
-                for c, attack in enumerate(panel.attacks):
-                    value = values[r][c]
-                    label = ("-" if (rule, attack, count) not in panel.cells else "stop") if math.isnan(value) else f"{value:.2f}"
-                    ax.text(c, r, label, ha="center", va="center", fontsize=6,
-                            color="white" if math.isnan(value) or value < 0.6 else "black")
+            image = _draw_cells(ax, [[panel.cells.get((rule, attack, count)) for attack in panel.attacks]
+                                     for count in panel.counts], colours)
             ax.set_title(f"rule: {rule}", fontsize=8)
             ax.set_xticks(range(len(panel.attacks)), panel.attacks, rotation=45, ha="right", fontsize=6)
             ax.set_yticks(range(len(panel.counts)), [f"f={count}" for count in panel.counts], fontsize=6)
@@ -206,15 +193,11 @@ def plot_rules_by_panel(panels: list[Panel], folder: Path, stamp: str, save: Cal
     from matplotlib.figure import Figure
 
     rules = list(dict.fromkeys(rule for panel in panels for rule in panel.rules))
-    values = [[_worst(panel.cells.get((rule, panel.attacks[0], panel.counts[0]))) for rule in rules] for panel in panels]
     figure = Figure(figsize=(2.5 + 0.9 * len(rules), 1.2 + 0.3 * len(panels)), layout="constrained")
     FigureCanvasAgg(figure)
     ax = figure.subplots()
-    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap=colours, aspect="auto")
-    for r, row in enumerate(values):
-        for c, value in enumerate(row):
-            ax.text(c, r, "stop" if math.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=6,
-                    color="white" if math.isnan(value) or value < 0.6 else "black")
+    image = _draw_cells(ax, [[panel.cells.get((rule, panel.attacks[0], panel.counts[0])) for rule in rules]
+                             for panel in panels], colours)
     ax.set_xticks(range(len(rules)), [f"rule: {rule}" for rule in rules], rotation=30, ha="right", fontsize=7)
     ax.set_yticks(range(len(panels)), [panel.title for panel in panels], fontsize=7)
     panel = panels[0]
@@ -223,6 +206,20 @@ def plot_rules_by_panel(panels: list[Panel], folder: Path, stamp: str, save: Cal
     figure.colorbar(image, ax=ax, shrink=0.8)
     save(figure, folder / "robustness.png", stamp)
     return "robustness"
+
+
+def _draw_cells(ax, cells: list[list[dict[str, Any] | None]], colours):
+    """A heatmap of cells, each coloured and labelled by the worst honest peer's accuracy: "stop"
+    where a seed ended early, "-" where nothing ran. Returns the image, for a colour bar."""
+    values = [[_worst(cell) for cell in row] for row in cells]
+    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap=colours, aspect="auto")
+    for r, row in enumerate(cells):
+        for c, cell in enumerate(row):
+            value = values[r][c]
+            label = ("-" if cell is None else "stop") if math.isnan(value) else f"{value:.2f}"
+            ax.text(c, r, label, ha="center", va="center", fontsize=6,
+                    color="white" if math.isnan(value) or value < 0.6 else "black")
+    return image
 
 
 def _worst(cell: dict[str, Any] | None) -> float:

@@ -201,8 +201,8 @@ def _run_in_child(arguments: list[str], log: str) -> None:
 
 def start_run(run: PlannedRun, config_file: str, nproc: int, threads: int | None, log: Path, env: dict,
               server: multiprocessing.context.ForkServerContext | None):
-    """Launch one run: forked from ``server`` when it runs on one process, else as a new command."""
-    if nproc == 1 and server is not None:
+    """Launch one run: forked from ``server`` when there is one (single-process runs), else as a new command."""
+    if server is not None:
         return ForkedRun(server, run_arguments(run, config_file, threads), log)
     with open(log, "w") as output:
         return subprocess.Popen(command(run, config_file, nproc, threads), stdout=output, stderr=subprocess.STDOUT,
