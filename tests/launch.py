@@ -3,11 +3,13 @@ nodes), interrupt them from outside, and compare their outputs bit for bit."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Mapping
@@ -16,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from multiproc import free_port
+from p2p_fedrot.study.sweep import ForkedRun, fork_server
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "configs" / "toy.yaml")
@@ -24,13 +27,14 @@ TIMING_KEYS = ("time_s", "seconds")  # the only fields of metrics.jsonl allowed 
 # check: it may stop a survivor before the survivor has seen its neighbour go and named it. Tests that
 # kill a worker give the survivors 2 s, as docs/reproducibility.md advises.
 SLOW_MONITOR = "--monitor-interval=2"
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "P2P_FEDROT_SECRET")
 
 
 def environment(hash_seed: int | str = "random", extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """A clean child environment (no launch secret unless ``extra`` sets one); each launch gets its own
     string-hash seed, as separate shells do."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": str(hash_seed)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "P2P_FEDROT_SECRET"):
+    for key in LAUNCH_VARIABLES:
         env.pop(key, None)
     return {**env, **(extra or {})}
 
@@ -53,9 +57,36 @@ def start(args: list[str], nproc: int = 1, torchrun: list[str] | None = None, ha
 
 
 def run(args: list[str], nproc: int = 1, timeout: float = 300, torchrun: list[str] | None = None,
-        hash_seed: int | str = "random", env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(command(args, nproc, torchrun), cwd=ROOT, env=environment(hash_seed, env),
+        hash_seed: int | str | None = None, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a launch to its end. A single process that asks for no string-hash seed and no environment
+    of its own is forked, as sweeps fork their runs, from a server that has imported the package:
+    a new process all the same, without the seconds a new Python spends importing torch and peft."""
+    server = shared_fork_server() if nproc == 1 and torchrun is None and hash_seed is None and env is None else None
+    if server is not None:
+        return run_forked(server, args, timeout)
+    return subprocess.run(command(args, nproc, torchrun), cwd=ROOT, env=environment(hash_seed or "random", env),
                           capture_output=True, text=True, timeout=timeout)
+
+
+@functools.cache
+def shared_fork_server():
+    """One fork server per test process, started on first use (None where the platform has none);
+    its runs inherit this process's environment, which must hold no launch setting."""
+    inherited = [key for key in LAUNCH_VARIABLES if key in os.environ]
+    assert not inherited, f"a forked run would inherit {inherited} from the test process"
+    return fork_server()
+
+
+def run_forked(server, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    with tempfile.TemporaryDirectory() as folder:
+        output, errors = Path(folder) / "stdout", Path(folder) / "stderr"
+        process = ForkedRun(server, args, output, errors)
+        try:
+            code = process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(process)
+            raise
+        return subprocess.CompletedProcess(args, code, output.read_text(), errors.read_text())
 
 
 def toy_args(out: Path, *overrides: str) -> list[str]:

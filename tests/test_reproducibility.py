@@ -1,9 +1,11 @@
 """The reproducibility contract, on real launches over 100 rounds, every round compared bit for bit:
-(a) the same launch repeats, (b) any process count (and two torchrun agents as two nodes) gives the
-same bits with equal threads, (c) a run killed anywhere and resumed, by hand with another process
-count or by torchrun's own restart, ends identical to an uninterrupted one. With all hosted peers
-in one forward (batch_peers: true) a launch still repeats bit for bit, and process counts agree
-to float rounding."""
+(a) the same launch repeats, (b) any process count gives the same bits with equal threads, (c) a run
+killed anywhere and resumed, by hand with another process count or by torchrun's own restart, ends
+identical to an uninterrupted one. Each world size is launched once for (b) and (c) together: 4
+processes under two torchrun agents as two nodes, 2 processes under a torchrun that restarts a killed
+worker (every round is computed on 2 processes), and a run killed on 2 processes, again on 4 and
+finished on 1. With all hosted peers in one forward (batch_peers: true) a launch still repeats bit
+for bit, and process counts agree to float rounding."""
 
 from __future__ import annotations
 
@@ -37,12 +39,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-# a repeat on 1 process, and 2 and 4 processes; the tests below launch 2 processes four more times
-# against the same reference (two nodes, kills and resumes, a torchrun restart)
-@pytest.mark.parametrize("nproc", [1, 2, 4])
-def test_every_launch_repeats_the_reference_bit_for_bit(reference: Path, tmp_path: Path, nproc: int) -> None:
+def test_a_second_launch_repeats_the_reference_bit_for_bit(reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "launch"  # with its own string-hash seed, as a separate shell draws
-    result = launch.run(toy_args(out, *CONTRACT), nproc=nproc, hash_seed=100 + 10 * nproc)
+    result = launch.run(toy_args(out, *CONTRACT), hash_seed=110)
     assert result.returncode == 0, result.stderr
     assert_identical_runs(reference, out)
 
@@ -86,10 +85,9 @@ def test_batched_peers_repeat_bit_for_bit_and_agree_across_process_counts(tmp_pa
     """Hosting other peers beside a peer changes the shapes its matmuls run in, so only float
     rounding may differ across process counts: 1e-5 relative after 20 rounds."""
     outs = {}
-    for name, nproc in (("first", 1), ("again", 1), ("two", 2), ("four", 4)):
+    for name, nproc in (("first", 1), ("again", 1), ("two", 2)):
         outs[name] = tmp_path / name
         result = launch.run(toy_args(outs[name], *BATCHED), nproc=nproc, hash_seed=7 + nproc + len(outs))
         assert result.returncode == 0, result.stderr
     assert_identical_runs(outs["first"], outs["again"])
-    for name in ("two", "four"):
-        assert_close_runs(outs["first"], outs[name], rtol=1e-5)
+    assert_close_runs(outs["first"], outs["two"], rtol=1e-5)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,20 +19,10 @@ from p2p_fedrot.run.loop import Experiment, startup_header
 from p2p_fedrot.peers.training import BankTrainer
 from p2p_fedrot.comm.runtime import init_runtime
 
+import launch
+
 ROOT = Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "configs" / "toy.yaml")
-
-
-def cli(args: list[str], nproc: int = 1, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    if nproc == 1:
-        command = [sys.executable, "-m", "p2p_fedrot", *args]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "p2p_fedrot", *args]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -56,9 +43,9 @@ def test_toy_run_is_identical_with_one_and_several_processes(tmp_path: Path, top
                                                              peers: int, nproc: int) -> None:
     common = ["run", TOY, "--set", f"peers={peers}", "--set", f"topology={topology}", "--set", f"method={method}",
               "--set", "rounds=4", "--set", "threads=1"]
-    one = cli([*common, "--set", f"out={tmp_path / 'p1'}"])
+    one = launch.run([*common, "--set", f"out={tmp_path / 'p1'}"])
     assert one.returncode == 0, one.stderr
-    several = cli([*common, "--set", f"out={tmp_path / 'pn'}"], nproc=nproc)
+    several = launch.run([*common, "--set", f"out={tmp_path / 'pn'}"], nproc=nproc)
     assert several.returncode == 0, several.stderr
     m1, mn = read_metrics(tmp_path / "p1"), read_metrics(tmp_path / "pn")
     assert len(m1) == len(mn) == 4
@@ -162,7 +149,7 @@ def test_processes_must_agree_on_every_setting_but_out_threads_and_the_timeout(t
 
 
 def test_a_diverging_peer_stops_the_run_with_the_cause(tmp_path: Path) -> None:
-    result = cli(["run", TOY, "--set", "train.lr=1e20", "--set", "rounds=2", "--set", f"out={tmp_path}"])
+    result = launch.run(["run", TOY, "--set", "train.lr=1e20", "--set", "rounds=2", "--set", f"out={tmp_path}"])
     assert result.returncode == 2
     assert "p2p-fedrot: error: peer 0, round 0: the training loss became nan" in result.stderr
     assert "lower train.lr (now 1e+20)" in result.stderr and "Traceback" not in result.stderr
@@ -172,7 +159,7 @@ def test_an_out_below_a_file_is_a_one_line_error_naming_the_file(tmp_path: Path)
     notes = tmp_path / "notes.txt"
     notes.write_text("kept")
     for out in (notes / "runs" / "toy", notes):
-        result = cli(["run", TOY, "--set", f"out={out}", "--set", "rounds=1"])
+        result = launch.run(["run", TOY, "--set", f"out={out}", "--set", "rounds=1"])
         assert result.returncode == 2
         assert result.stderr == (f"p2p-fedrot: error: out={out} cannot be a folder: {notes} is a file; move that file "
                                  "away, or set out to another path\n")

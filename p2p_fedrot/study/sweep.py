@@ -166,11 +166,19 @@ def command(run: PlannedRun, config_file: str, nproc: int, threads: int | None) 
 
 class ForkedRun:
     """A single-process run in a process forked from a server that has imported ``PRELOADED``;
-    it answers like ``subprocess.Popen`` (poll, returncode, terminate, wait)."""
+    it answers like ``subprocess.Popen`` (pid, poll, returncode, terminate, wait). Its output goes
+    to ``log``, its errors too unless ``errors`` names a file of their own."""
 
-    def __init__(self, context: multiprocessing.context.ForkServerContext, arguments: list[str], log: Path):
-        self.process = context.Process(target=_run_in_child, args=(arguments, str(log)), daemon=False)
+    def __init__(self, context: multiprocessing.context.ForkServerContext, arguments: list[str], log: Path,
+                 errors: Path | None = None):
+        self.arguments = arguments
+        self.process = context.Process(target=_run_in_child, args=(arguments, str(log), errors and str(errors)),
+                                       daemon=False)
         self.process.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
 
     @property
     def returncode(self) -> int | None:
@@ -182,17 +190,21 @@ class ForkedRun:
     def terminate(self) -> None:
         self.process.terminate()
 
-    def wait(self) -> int | None:
-        self.process.join()
+    def wait(self, timeout: float | None = None) -> int | None:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired(["p2p-fedrot", *self.arguments], timeout or 0)
         return self.process.exitcode
 
 
-def _run_in_child(arguments: list[str], log: str) -> None:
-    """A forked run: its output to its log, line by line, then ``p2p-fedrot`` as in a fresh process."""
-    descriptor = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    for stream in (1, 2):
-        os.dup2(descriptor, stream)
-    os.close(descriptor)
+def _run_in_child(arguments: list[str], log: str, errors: str | None = None) -> None:
+    """A forked run: its output to its log (its errors to ``errors`` if given), line by line, then
+    ``p2p-fedrot`` as in a fresh process."""
+    for path, streams in ([(log, (1,)), (errors, (2,))] if errors else [(log, (1, 2))]):
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        for stream in streams:
+            os.dup2(descriptor, stream)
+        os.close(descriptor)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     sys.argv = ["p2p-fedrot", *arguments]
@@ -214,6 +226,7 @@ def fork_server() -> multiprocessing.context.ForkServerContext | None:
     platform has no fork server (each run then starts a new Python)."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return None
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # as p2p-fedrot sets it; read when the server imports torch
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOADED)
     return context
@@ -237,7 +250,6 @@ def run_sweep(runs: Sequence[PlannedRun], config_file: str, out: Path, jobs: int
     threads = default_threads(todo, jobs, nproc)
     (out / LOGS).mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # read when the fork server imports torch
     server = fork_server() if nproc == 1 and todo else None
     waiting, running, failed = list(todo), {}, []
     signal.signal(signal.SIGTERM, _stop)  # a sweep told to stop takes its runs in flight with it
