@@ -56,7 +56,9 @@ def sweep_command(out: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_killed_sweep_runs_only_what_is_missing_and_reports_over_seeds(tmp_path: Path) -> None:
+def test_a_killed_sweep_runs_only_what_is_missing_and_reports_over_seeds(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """Killed from outside as a process; then run again (here, in this process) twice."""
     out = tmp_path / "sweep"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(sweep_command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -71,9 +73,10 @@ def test_a_killed_sweep_runs_only_what_is_missing_and_reports_over_seeds(tmp_pat
     assert len(summaries) == 1, "the first run did not finish in time"
     finished = {path: path.stat().st_mtime_ns for path in out.glob("*/seed*/summary.json")}
     assert len(finished) < 4
-    again = subprocess.run(sweep_command(out), env=env, capture_output=True, text=True, timeout=400)
-    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    assert f"({len(finished)} already finished, {4 - len(finished)} to run" in again.stdout
+    capsys.readouterr()
+    assert main(sweep_command(out)[3:]) == 0
+    again = capsys.readouterr().out
+    assert f"({len(finished)} already finished, {4 - len(finished)} to run" in again
     for path, mtime in finished.items():  # never run again
         assert path.stat().st_mtime_ns == mtime
     assert len(list(out.glob("*/seed*/summary.json"))) == 4
@@ -83,9 +86,9 @@ def test_a_killed_sweep_runs_only_what_is_missing_and_reports_over_seeds(tmp_pat
     assert all(group["seeds"] == [0, 1] or group["seeds"] == [1, 0] for group in report["groups"])
     for plot in ("accuracy", "accuracy_vs_gap", "accuracy_vs_bytes", "consensus"):
         assert (out / "report" / f"{plot}.png").read_bytes()[:8] == PNG_MAGIC
-    assert f"report: {out / 'report' / 'summary.md'}" in again.stdout
-    rerun = subprocess.run(sweep_command(out), env=env, capture_output=True, text=True, timeout=120)
-    assert "(4 already finished, 0 to run" in rerun.stdout
+    assert f"report: {out / 'report' / 'summary.md'}" in again
+    assert main(sweep_command(out)[3:]) == 0
+    assert "(4 already finished, 0 to run" in capsys.readouterr().out
 
 
 def fixture_run(folder: Path, method: str, seed: int, accuracy: float, consensus_rel: float, gap: float) -> None:
@@ -154,10 +157,7 @@ def test_a_run_forked_by_a_sweep_equals_the_same_run_in_a_fresh_process(tmp_path
 @pytest.mark.slow
 def test_a_sweep_launches_each_run_on_several_processes(tmp_path: Path) -> None:
     out = tmp_path / "sweep"
-    done = subprocess.run([sys.executable, "-m", "p2p_fedrot", "sweep", TOY, "--grid", "method=fedit", "--seeds", "3",
-                           "--nproc", "2", "--out", str(out), *SMALL], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert main(["sweep", TOY, "--grid", "method=fedit", "--seeds", "3", "--nproc", "2", "--out", str(out), *SMALL]) == 0
     summary = json.loads((out / "method-fedit" / "seed3" / "summary.json").read_text())
     # the CPUs this process may use / (1 job x 2 processes)
     assert summary["processes"] == 2 and summary["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)

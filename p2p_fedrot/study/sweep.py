@@ -252,7 +252,7 @@ def run_sweep(runs: Sequence[PlannedRun], config_file: str, out: Path, jobs: int
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     server = fork_server() if nproc == 1 and todo else None
     waiting, running, failed = list(todo), {}, []
-    signal.signal(signal.SIGTERM, _stop)  # a sweep told to stop takes its runs in flight with it
+    previous = signal.signal(signal.SIGTERM, _stop)  # a sweep told to stop takes its runs in flight with it
     try:
         while waiting or running:
             while waiting and len(running) < jobs:
@@ -271,6 +271,7 @@ def run_sweep(runs: Sequence[PlannedRun], config_file: str, out: Path, jobs: int
         for process in running:
             process.terminate()
             process.wait()
+        signal.signal(signal.SIGTERM, previous)  # as it was for the caller (run_sweep may be called from Python)
     return failed
 
 
