@@ -3,7 +3,6 @@ nodes), interrupt them from outside, and compare their outputs bit for bit."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -17,8 +16,8 @@ from typing import Mapping
 import torch
 from safetensors.torch import load_file
 
-from multiproc import free_port
-from p2p_fedrot.study.sweep import ForkedRun, fork_server
+from multiproc import LAUNCH_VARIABLES, free_port, shared_fork_server
+from p2p_fedrot.study.sweep import ForkedRun
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "configs" / "toy.yaml")
@@ -27,7 +26,6 @@ TIMING_KEYS = ("time_s", "seconds")  # the only fields of metrics.jsonl allowed 
 # check: it may stop a survivor before the survivor has seen its neighbour go and named it. Tests that
 # kill a worker give the survivors 2 s, as docs/reproducibility.md advises.
 SLOW_MONITOR = "--monitor-interval=2"
-LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "P2P_FEDROT_SECRET")
 
 
 def environment(hash_seed: int | str = "random", extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -66,15 +64,6 @@ def run(args: list[str], nproc: int = 1, timeout: float = 300, torchrun: list[st
         return run_forked(server, args, timeout)
     return subprocess.run(command(args, nproc, torchrun), cwd=ROOT, env=environment(hash_seed or "random", env),
                           capture_output=True, text=True, timeout=timeout)
-
-
-@functools.cache
-def shared_fork_server():
-    """One fork server per test process, started on first use (None where the platform has none);
-    its runs inherit this process's environment, which must hold no launch setting."""
-    inherited = [key for key in LAUNCH_VARIABLES if key in os.environ]
-    assert not inherited, f"a forked run would inherit {inherited} from the test process"
-    return fork_server()
 
 
 def run_forked(server, args: list[str], timeout: float) -> subprocess.CompletedProcess:

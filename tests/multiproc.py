@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import tempfile
@@ -11,6 +12,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from p2p_fedrot.study.sweep import fork_server
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "P2P_FEDROT_SECRET")
 
 
 def free_port() -> int:
@@ -31,15 +36,26 @@ def _entry(rank: int, fn, world: int, port: int, outdir: str, args: tuple) -> No
     os._exit(0)
 
 
+@functools.cache
+def shared_fork_server():
+    """One fork server per test process, started on first use (None where the platform has none):
+    its processes start with the package imported, as sweeps start their runs. They inherit this
+    process's environment, which must hold no launch setting."""
+    inherited = [key for key in LAUNCH_VARIABLES if key in os.environ]
+    assert not inherited, f"a forked process would inherit {inherited} from the test process"
+    return fork_server()
+
+
 def spawn_ranks(fn, world: int, *args, timeout: float = 120.0, may_fail: tuple[int, ...] = ()) -> list:
     """Start ``world`` processes running ``fn(rank, world, *args)``; return their results by rank.
 
     A rank listed in ``may_fail`` may exit without a result (its entry is None); any other failure,
     or a group still running after ``timeout`` seconds, raises (and every rank is killed first).
     """
+    start_method = "forkserver" if shared_fork_server() is not None else "spawn"
     with tempfile.TemporaryDirectory() as outdir:
         context = mp.start_processes(
-            _entry, args=(fn, world, free_port(), outdir, args), nprocs=world, join=False, start_method="spawn"
+            _entry, args=(fn, world, free_port(), outdir, args), nprocs=world, join=False, start_method=start_method
         )
         deadline = time.monotonic() + timeout
         while any(p.is_alive() for p in context.processes):
