@@ -62,7 +62,7 @@ def run(args: list[str], nproc: int = 1, timeout: float = 300, torchrun: list[st
     server = shared_fork_server() if nproc == 1 and torchrun is None and hash_seed is None and env is None else None
     if server is not None:
         return run_forked(server, args, timeout)
-    return subprocess.run(command(args, nproc, torchrun), cwd=ROOT, env=environment(hash_seed or "random", env),
+    return subprocess.run(command(args, nproc, torchrun), cwd=ROOT, env=environment("random" if hash_seed is None else hash_seed, env),
                           capture_output=True, text=True, timeout=timeout)
 
 
